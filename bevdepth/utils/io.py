@@ -1,0 +1,49 @@
+"""Atomic file output: write to a temporary file in the same folder, then rename over the final name.
+
+A kill at any moment leaves either the old complete file or the new complete file, never a truncated one.
+"""
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode='wb'):
+    """Open a temporary sibling of ``path`` for writing; rename it to ``path`` only on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path)
+        raise
+
+
+def atomic_write_bytes(path, data):
+    with atomic_open(path, 'wb') as f:
+        f.write(data)
+
+
+def atomic_pickle_dump(obj, path):
+    with atomic_open(path, 'wb') as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def atomic_json_dump(obj, path, **kwargs):
+    with atomic_open(path, 'w') as f:
+        json.dump(obj, f, **kwargs)
+
+
+def atomic_torch_save(obj, path):
+    import torch
+    with atomic_open(path, 'wb') as f:
+        torch.save(obj, f)
