@@ -9,6 +9,16 @@ import pickle
 import tempfile
 
 
+def _read_umask():
+    umask = os.umask(0)  # the only portable way to read it; done once at import, before any threads exist
+    os.umask(umask)
+    return umask
+
+
+# What a plain open() would create; mkstemp alone leaves 0o600.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """Open a temporary sibling of ``path`` for writing; rename it to ``path`` only on success."""
@@ -19,8 +29,9 @@ def atomic_open(path, mode='wb'):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: the rename already protects against killed processes, which is what we guard against;
+        # an fsync per file would make the depth cache (one file per image) several times slower on disks.
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
