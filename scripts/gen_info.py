@@ -24,7 +24,7 @@ def parse_args(argv=None):
                         help='nuScenes dataroot holding the version folders')
     parser.add_argument('--version', nargs='+', default=None, choices=VERSIONS,
                         help='versions to convert (default: v1.0-trainval, plus v1.0-test when that folder exists)')
-    parser.add_argument('--out-dir', '--out_dir', dest='out_dir', default=None,
+    parser.add_argument('--out', '--out-dir', '--out_dir', dest='out_dir', default=None,
                         help='where to write the pkl files (default: the dataroot)')
     return parser.parse_args(argv)
 

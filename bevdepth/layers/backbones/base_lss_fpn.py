@@ -40,25 +40,30 @@ def frustum_to_ego(frustum, sensor2ego_mat, intrin_mat, ida_mat, bda_mat=None):
     Returns:
         (B, N, D, fH, fW, 3).
 
-    Same operation order as the reference (undo ida, un-project with depth, camera->ego, bda), computed with
-    cameras merged (B * N) so no tensor exceeds 4 dims (the reference broadcasts 7-dim tensors).
+    Same matrices applied in the same order as the reference (undo ida, un-project with depth, camera->ego with
+    sensor2ego @ inverse(intrin), then bda), but each step is one batched GEMM (B * N, P, 4) x (4, 4)^T over
+    the P = D * fH * fW points instead of the reference's 7-dim broadcast of 4x4 @ 4x1 products (~4x faster
+    on CPU, no tensor above 3 dims). The float summation order inside a 4-term dot product can differ from the
+    broadcast kernel's, so a point within ~1e-5 cells of a cell border may truncate to the neighbouring cell
+    (measured: 0 of 266k points on augmented nuScenes calibration; docs/performance.md).
     """
     batch_size, num_cams = sensor2ego_mat.shape[:2]
     num_depth, feat_h, feat_w, _ = frustum.shape
+    num_views = batch_size * num_cams
     dtype = frustum.dtype
     # fp32 even under autocast: an fp16 matmul would move points across cell borders.
     with torch.autocast(device_type=frustum.device.type, enabled=False):
-        sensor2ego_mat, intrin_mat, ida_mat = (m.to(dtype).reshape(batch_size * num_cams, 1, 4, 4)
+        sensor2ego_mat, intrin_mat, ida_mat = (m.to(dtype).reshape(num_views, 4, 4)
                                                for m in (sensor2ego_mat, intrin_mat, ida_mat))
-        points = frustum.reshape(1, -1, 4, 1)  # (1, P, 4, 1)
-        points = torch.inverse(ida_mat).matmul(points)  # (B * N, P, 4, 1)
-        points = torch.cat((points[:, :, :2] * points[:, :, 2:3], points[:, :, 2:]), 2)
+        points = frustum.reshape(1, -1, 4).expand(num_views, -1, 4)  # (B * N, P, 4), no copy
+        points = torch.bmm(points, torch.inverse(ida_mat).transpose(1, 2))
+        points = torch.cat((points[..., :2] * points[..., 2:3], points[..., 2:]), 2)
         combine = sensor2ego_mat.matmul(torch.inverse(intrin_mat))
-        points = combine.matmul(points)
+        points = torch.bmm(points, combine.transpose(1, 2))
         if bda_mat is not None:
-            bda_mat = bda_mat.to(dtype).view(batch_size, 1, 1, 4, 4).expand(batch_size, num_cams, 1, 4, 4)
-            points = bda_mat.reshape(batch_size * num_cams, 1, 4, 4).matmul(points)
-    return points[:, :, :3, 0].reshape(batch_size, num_cams, num_depth, feat_h, feat_w, 3)
+            bda_mat = bda_mat.to(dtype).view(batch_size, 1, 4, 4).expand(batch_size, num_cams, 4, 4)
+            points = torch.bmm(points, bda_mat.reshape(num_views, 4, 4).transpose(1, 2))
+    return points[..., :3].reshape(batch_size, num_cams, num_depth, feat_h, feat_w, 3)
 
 
 class DepthAggregation(nn.Module):

@@ -13,6 +13,7 @@ from bevdepth.configs import nuscenes as nus_conf
 from bevdepth.configs import tiny as tiny_conf
 from bevdepth.layers.backbones.base_lss_fpn import create_frustum, frustum_to_ego
 from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, build_ring_ray, build_sparse_projection,
+                                                frustum_cells, frustum_row_features,
                                                 cells_to_flat_index, geometry_to_cells, project_dense,
                                                 project_sparse, resolve_projection, ring_ray_from_sparse,
                                                 sparse_from_ring_ray)
@@ -484,3 +485,55 @@ def test_full_config_state_dict_matches_reference():
     torch.testing.assert_close(model.bev_anchors[:, 0, 0], torch.linspace(-51.2, 50.4, 128) + 0.4)
     assert model.voxel_num.tolist() == [128, 128, 1]
     torch.testing.assert_close(model.voxel_coord, torch.tensor([-50.8, -50.8, -1.0]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fast row-moment cells and trace safety
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['full', 'tiny'])
+def test_frustum_cells_match_reference_formula(name, rig):
+    """Row-moment cells = reference 7-dim geometry + normalise + mean + truncate, up to float32 border flips."""
+    frustum, voxel_coord, voxel_size, _ = setting_geometry(name)
+    mats = make_mats(rig, SETTINGS[name]['ida'], batch_size=2, seed=13)
+    args = (mats['sensor2ego_mats'][:, 0], mats['intrin_mats'][:, 0], mats['ida_mats'][:, 0], mats['bda_mat'])
+    expected = reference_cells(reference_geometry(frustum, *args), voxel_coord, voxel_size)
+    cells = frustum_cells(frustum_row_features(frustum), frustum.shape[0], *args, voxel_coord, voxel_size)
+    assert cells.shape == expected.shape and cells.dtype == torch.long
+    mismatch = (cells != expected).any(-1).sum().item()
+    assert mismatch <= max(2, expected[..., 0].numel() // 20000), f'{mismatch} cells differ'
+    # Without bda: same as the identity bda.
+    no_bda = frustum_cells(frustum_row_features(frustum), frustum.shape[0], *args[:3], None, voxel_coord, voxel_size)
+    eye = frustum_cells(frustum_row_features(frustum), frustum.shape[0], *args[:3], torch.eye(4).expand(2, 4, 4),
+                        voxel_coord, voxel_size)
+    assert torch.equal(no_bda, eye)
+
+
+def test_model_cells_fast_path_and_cache(tiny_model):
+    mats = make_mats(synthetic_rig(), tiny_ida_conf(), batch_size=2, seed=21)
+    cells = tiny_model.get_geom_cells(mats)
+    geom = tiny_model.get_geometry(mats['sensor2ego_mats'][:, 0], mats['intrin_mats'][:, 0], mats['ida_mats'][:, 0],
+                                   mats['bda_mat'])
+    slow = geometry_to_cells(geom, tiny_model.voxel_coord, tiny_model.voxel_size)
+    assert (cells != slow).any(-1).sum().item() <= 2
+    features = tiny_model._frustum_row_features()
+    assert tiny_model._frustum_row_features() is features  # cached
+    tiny_model.frustum.add_(0)  # in-place change of the buffer (as load_state_dict does) -> recomputed
+    assert tiny_model._frustum_row_features() is not features
+
+
+def test_project_dense_is_trace_safe():
+    cells = torch.tensor([[[[1, 1], [2, 1]], [[0, 0], [1, 1]]]])
+    ring, ray = build_ring_ray(cells, 4)
+    feat, depth = torch.rand(1, 2, 3), torch.rand(1, 2, 2)
+    traced = torch.jit.trace(project_dense, (feat, depth, ring, ray), check_trace=False)
+    torch.testing.assert_close(traced(feat, depth, ring, ray), project_dense(feat, depth, ring, ray))
+
+
+def test_sparse_pairs_are_cell_major_and_csr_consistent(rig):
+    _, _, cells, bev_size = cells_for('tiny', rig, seed=6)
+    sparse = build_sparse_projection(cells, bev_size)
+    key = sparse.pair_cell * sparse.num_rays + sparse.pair_row % sparse.num_rays
+    assert bool((key[1:] > key[:-1]).all())  # strictly increasing: sorted and without duplicates
+    counts = torch.bincount(sparse.pair_cell, minlength=sparse.batch_size * bev_size * bev_size)
+    assert torch.equal(sparse.cell_crow[1:] - sparse.cell_crow[:-1], counts)
