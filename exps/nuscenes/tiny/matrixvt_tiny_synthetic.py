@@ -1,0 +1,141 @@
+"""Tiny MatrixVT on the synthetic nuScenes dataroot: the CPU-friendly demo and the engine's test subject.
+
+Same code path as the full experiment (MatrixVT_Det, depth supervision, EMA, devkit evaluation) with the
+scaled-down architecture of bevdepth.configs.tiny. Every demo setting lives in ``TINY_SETTINGS`` below;
+command-line flags still override them.
+
+    python scripts/make_synthetic_nuscenes.py ...   # writes data/synthetic_nuscenes (docs/training.md)
+    python exps/nuscenes/tiny/matrixvt_tiny_synthetic.py --accelerator cpu    # train
+    python exps/nuscenes/tiny/matrixvt_tiny_synthetic.py --accelerator cpu -e \
+        --ckpt_path outputs/matrixvt_tiny_synthetic/lightning_logs/version_0/11.pth
+
+Hyper-parameter flags of this experiment: --final_dim H W, --head_channels C, --resize_lim LOW HIGH,
+--ida_aug / --no-ida_aug, --bda_aug / --no-bda_aug (plus the common -b, --learning_rate, --max_epochs, ...).
+"""
+import argparse
+import os
+import sys
+
+# With torch_npu installed but no CANN toolkit, torch's automatic backend import breaks `import torch`;
+# bevdepth.engine.devices imports torch_npu itself, guarded (DESIGN.md "NPU facts").
+os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
+
+try:
+    import exps.base_exp  # noqa: F401  (installed with pip install -e .)
+except ImportError:  # run from a source checkout: make the repository root importable
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', '..')))
+
+from bevdepth.configs import tiny  # noqa: E402
+from bevdepth.engine.cli import run_cli  # noqa: E402
+from exps.base_exp import BEVDepthLightningModel  # noqa: E402
+
+EXP_NAME = 'matrixvt_tiny_synthetic'
+
+# All demo hyper-parameters in one place (flags given on the command line win over 'cli_defaults').
+TINY_SETTINGS = dict(
+    cli_defaults=dict(
+        data_root='data/synthetic_nuscenes',
+        version='v1.0-mini',
+        batch_size_per_device=2,
+        learning_rate=5e-4,  # per image: lr = 5e-4 x 2 = 1e-3 on one device
+        lr_schedule='constant',
+        max_epochs=12,
+        num_workers=0,
+        log_every_n_steps=5,
+        final_dim=list(tiny.FINAL_DIM),
+        head_channels=None,
+        ida_aug=True,
+        bda_aug=True,
+    ),
+    use_cbgs=False,
+    use_ema=True,
+)
+
+# The reference's training resize range (for 704-pixel-wide inputs); scaled with the input width.
+REFERENCE_RESIZE_LIM = (0.386, 0.55)
+REFERENCE_FINAL_WIDTH = 704
+
+
+def image_aug_conf(final_dim, resize_lim=None, enabled=True):
+    """ida_aug_conf for input size ``final_dim`` (H, W); ``enabled=False`` = the eval transform in training too.
+
+    Default resize range: the reference's (0.386, 0.55) x W / 704, i.e. the same relative scale jitter.
+    """
+    final_height, final_width = (int(v) for v in final_dim)
+    if final_height % 32 or final_width % 32 or final_height < 32 or final_width < 32:
+        raise ValueError(f'--final_dim must be two multiples of 32 (ResNet stride 32), got {list(final_dim)}')
+    conf = tiny.ida_aug_conf()
+    conf['final_dim'] = (final_height, final_width)
+    if resize_lim is None:
+        resize_lim = tuple(v * final_width / REFERENCE_FINAL_WIDTH for v in REFERENCE_RESIZE_LIM)
+    if not (0 < resize_lim[0] <= resize_lim[1]):
+        raise ValueError(f'--resize_lim must be 0 < low <= high, got {list(resize_lim)}')
+    conf['resize_lim'] = tuple(float(v) for v in resize_lim)
+    if not enabled:
+        # The eval resize (fit the width), no rotation, no flip: the sampled transform equals the eval one.
+        eval_resize = max(final_height / conf['H'], final_width / conf['W'])
+        conf.update(resize_lim=(eval_resize, eval_resize), rot_lim=(0.0, 0.0), rand_flip=False)
+    return conf
+
+
+def bev_aug_conf(enabled=True):
+    conf = tiny.bda_aug_conf()
+    if not enabled:
+        conf.update(rot_lim=(0.0, 0.0), scale_lim=(1.0, 1.0), flip_dx_ratio=0.0, flip_dy_ratio=0.0)
+    return conf
+
+
+class MatrixVTTinyExp(BEVDepthLightningModel):
+    """MatrixVT_Det with the tiny backbone / head / image size of bevdepth.configs.tiny.
+
+    Args (besides BEVDepthLightningModel's):
+        final_dim: network input (H, W), multiples of 32.
+        head_channels: channels of the task heads' shared conv and branch convs (None: bevdepth.configs.tiny's,
+            64 as the reference); the 36 branch convs on the BEV grid cost more than the image backbone at small
+            input sizes.
+        resize_lim: training resize range (default: the reference's, scaled to the input width).
+        ida_aug: random image resize / crop / flip / rotation in training.
+        bda_aug: random BEV rotation / scale / flips in training.
+    """
+
+    default_lr_schedule = TINY_SETTINGS['cli_defaults']['lr_schedule']
+
+    def __init__(self, final_dim=tiny.FINAL_DIM, head_channels=None, resize_lim=None, ida_aug=True, bda_aug=True,
+                 **kwargs):
+        backbone_conf = tiny.backbone_conf()
+        backbone_conf['final_dim'] = tuple(int(v) for v in final_dim)
+        head_conf = tiny.head_conf()
+        if head_channels is not None:
+            if head_channels < 1:
+                raise ValueError(f'--head_channels must be >= 1, got {head_channels}')
+            head_conf.update(share_conv_channel=int(head_channels), head_conv=int(head_channels))
+        kwargs.setdefault('backbone_conf', backbone_conf)
+        kwargs.setdefault('head_conf', head_conf)
+        kwargs.setdefault('ida_aug_conf', image_aug_conf(final_dim, resize_lim, ida_aug))
+        kwargs.setdefault('bda_aug_conf', bev_aug_conf(bda_aug))
+        super().__init__(**kwargs)
+        self.save_hyperparameters('final_dim', 'head_channels', 'resize_lim', 'ida_aug', 'bda_aug')
+        self.data_use_cbgs = TINY_SETTINGS['use_cbgs']
+
+    @staticmethod
+    def add_model_specific_args(parser):
+        group = parser.add_argument_group('tiny experiment')
+        group.add_argument('--final_dim', type=int, nargs=2, metavar=('H', 'W'),
+                           help=f'network input size, multiples of 32 (default {list(tiny.FINAL_DIM)})')
+        group.add_argument('--head_channels', type=int,
+                           help='channels of the task-head convs (default 64 as the reference; 32 is ~4x cheaper)')
+        group.add_argument('--resize_lim', type=float, nargs=2, metavar=('LOW', 'HIGH'), default=None,
+                           help='training resize range of the 1600x900 images (default: reference x W / 704)')
+        group.add_argument('--ida_aug', action=argparse.BooleanOptionalAction,
+                           help='random image resize / crop / flip / rotation in training')
+        group.add_argument('--bda_aug', action=argparse.BooleanOptionalAction,
+                           help='random BEV rotation / scale / flips in training')
+        return parser
+
+    def build_model(self):
+        from bevdepth.models.matrixvt_det import MatrixVT_Det
+        return MatrixVT_Det(self.backbone_conf, self.head_conf, is_train_depth=True)
+
+
+if __name__ == '__main__':
+    run_cli(MatrixVTTinyExp, EXP_NAME, use_ema=TINY_SETTINGS['use_ema'], cli_defaults=TINY_SETTINGS['cli_defaults'])

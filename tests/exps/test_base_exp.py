@@ -1,0 +1,82 @@
+"""BEVDepthLightningModel pieces that need no data: lr scaling, schedule, eval gathering, rank-0 errors."""
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from exps import base_exp
+from exps.nuscenes.tiny.matrixvt_tiny_synthetic import MatrixVTTinyExp, bev_aug_conf, image_aug_conf
+
+
+@pytest.fixture(scope='module')
+def tiny_module():
+    return MatrixVTTinyExp(batch_size_per_device=3, learning_rate=1e-4, data_root='unused', version='v1.0-mini')
+
+
+def optimizers_for(module, world_size, lr_schedule):
+    module._trainer = types.SimpleNamespace(world_size=world_size)
+    module.lr_schedule = lr_schedule
+    try:
+        return module.configure_optimizers()
+    finally:
+        module._trainer = None
+
+
+def test_lr_is_per_image_times_global_batch_and_schedule_is_multistep(tiny_module):
+    optimizers, schedulers = optimizers_for(tiny_module, 4, 'multistep')
+    (optimizer,), (scheduler,) = optimizers, schedulers
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-4 * 3 * 4)
+    assert optimizer.param_groups[0]['weight_decay'] == base_exp.WEIGHT_DECAY == 1e-7
+    assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR)
+    assert sorted(scheduler.milestones) == [19, 23] and scheduler.gamma == 0.1
+    # Every network parameter is optimised.
+    assert sum(p.numel() for p in optimizer.param_groups[0]['params']) == \
+        sum(p.numel() for p in tiny_module.model.parameters())
+    (constant,) = optimizers_for(tiny_module, 1, 'constant')
+    assert isinstance(constant, torch.optim.AdamW) and constant.param_groups[0]['lr'] == pytest.approx(3e-4)
+
+
+def test_bad_lr_schedule_or_lr_rejected():
+    with pytest.raises(ValueError, match='lr_schedule'):
+        MatrixVTTinyExp(lr_schedule='cosine', data_root='unused')
+    with pytest.raises(ValueError, match='learning_rate'):
+        MatrixVTTinyExp(learning_rate=0.0, data_root='unused')
+
+
+def test_gather_interleaves_ranks_and_drops_padding(monkeypatch):
+    # 5 samples on 2 ranks: DistributedSampler(shuffle=False) gives rank 0 [0, 2, 4], rank 1 [1, 3, 0 (padding)].
+    per_rank = [['s0', 's2', 's4'], ['s1', 's3', 's0']]
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 2)
+
+    def all_gather_object(out, obj):
+        out[:] = per_rank
+
+    monkeypatch.setattr(dist, 'all_gather_object', all_gather_object)
+    assert base_exp.gather_in_sampler_order(per_rank[0], 5) == ['s0', 's1', 's2', 's3', 's4']
+    per_rank[1] = per_rank[1][:2]
+    with pytest.raises(RuntimeError, match='different numbers of eval samples'):
+        base_exp.gather_in_sampler_order(per_rank[0], 5)
+
+
+def test_gather_and_rank_zero_run_on_one_process():
+    assert base_exp.gather_in_sampler_order(['a', 'b', 'c'], 2) == ['a', 'b']
+    assert base_exp.run_on_rank_zero(lambda: 7) == 7
+    with pytest.raises(KeyError):
+        base_exp.run_on_rank_zero(lambda: {}['x'])
+
+
+def test_tiny_image_size_and_augmentation_switches():
+    conf = image_aug_conf((64, 192))
+    assert conf['final_dim'] == (64, 192)
+    assert conf['resize_lim'] == pytest.approx((0.386 * 192 / 704, 0.55 * 192 / 704))
+    off = image_aug_conf((64, 192), enabled=False)
+    assert off['resize_lim'] == (0.12, 0.12) and off['rot_lim'] == (0.0, 0.0) and off['rand_flip'] is False
+    assert image_aug_conf((64, 192), resize_lim=(0.1, 0.2))['resize_lim'] == (0.1, 0.2)
+    with pytest.raises(ValueError, match='multiples of 32'):
+        image_aug_conf((60, 192))
+    assert bev_aug_conf(False)['flip_dx_ratio'] == 0.0 and bev_aug_conf(True)['flip_dx_ratio'] == 0.5
+    module = MatrixVTTinyExp(final_dim=(64, 192), ida_aug=False, data_root='unused')
+    assert module.backbone_conf['final_dim'] == (64, 192) and module.ida_aug_conf['rand_flip'] is False
