@@ -225,9 +225,13 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
                        f'{self.batch_size_per_device * world_size} samples; schedule: {self.lr_schedule}')
         optimizer = self.build_optimizer(lr)
         if self.lr_schedule == 'multistep':
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, LR_MILESTONES)
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones())
             return [optimizer], [scheduler]
         return [optimizer]
+
+    def lr_milestones(self):
+        """Epochs at which 'multistep' multiplies the lr by 0.1 (the seed's [19, 23])."""
+        return list(LR_MILESTONES)
 
     def build_optimizer(self, lr):
         """AdamW(all model parameters, lr, weight_decay 1e-7); torch_npu's fused AdamW on NPU when present."""
