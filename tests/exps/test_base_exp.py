@@ -82,3 +82,16 @@ def test_tiny_image_size_and_augmentation_switches():
     assert bev_aug_conf(False)['flip_dx_ratio'] == 0.0 and bev_aug_conf(True)['flip_dx_ratio'] == 0.5
     module = MatrixVTTinyExp(final_dim=(64, 192), ida_aug=False, data_root='unused')
     assert module.backbone_conf['final_dim'] == (64, 192) and module.ida_aug_conf['rand_flip'] is False
+
+
+def test_tiny_demo_starts_heatmaps_from_the_focal_prior_but_reference_head_does_not(tiny_module):
+    # Demo-only deviation: sigmoid(-2.19) = 0.1 at the start; the reference head keeps PyTorch's default bias.
+    from bevdepth.configs import nuscenes
+    from bevdepth.models.matrixvt_det import MatrixVT_Det
+
+    for task_head in tiny_module.model.head.task_heads:
+        assert torch.all(task_head.heatmap[-1].bias == torch.tensor(-2.19))
+    torch.manual_seed(0)
+    reference_head = MatrixVT_Det(nuscenes.backbone_conf(), nuscenes.head_conf()).head
+    bias = reference_head.task_heads[0].heatmap[-1].bias
+    assert bias.abs().max() < 0.5  # PyTorch's default uniform init, as the reference (spec J.3)
