@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from bevdepth.configs.nuscenes import IMG_CONF
 from bevdepth.datasets.bev_aug import bev_transform, sample_bda_augmentation
 from bevdepth.datasets.depth_aug import depth_transform
+from bevdepth.datasets.depth_projection import rigid_inverse
 from bevdepth.datasets.errors import DataError
 from bevdepth.datasets.image_aug import (fast_image_pipeline, ida_matrix, reference_image_pipeline,
                                          sample_ida_augmentation)
@@ -111,14 +112,6 @@ def pose_matrix(pose):
     mat[:3, :3] = Quaternion(pose['rotation']).rotation_matrix
     mat[:3, 3] = pose['translation']
     return mat
-
-
-def rigid_inverse(mat):
-    """Inverse of a 4x4 rigid transform [R t; 0 1] -> [R^T -R^T t; 0 1] (float64)."""
-    inv = np.eye(4)
-    inv[:3, :3] = mat[:3, :3].T
-    inv[:3, 3] = -mat[:3, :3].T @ mat[:3, 3]
-    return inv
 
 
 def mean_ego_pose(cam_infos, cams):
