@@ -3,7 +3,9 @@
 # MatrixVT on CPU, evaluate it with the official nuScenes devkit, draw pictures. About 10-15 minutes on 2 cores.
 #
 # Environment overrides: DEMO_DATA (dataroot, default data/synthetic_nuscenes), DEMO_EPOCHS, DEMO_WORKERS,
-# DEMO_OUT (run folder, default outputs/demo), DEMO_SKIP_INSTALL=1 (use the current environment as it is), DEMO_ACCELERATOR (cpu|gpu|npu|auto, default cpu).
+# DEMO_SAMPLES_PER_SCENE (key frames per synthetic scene, default 20),
+# DEMO_OUT (run folder, default outputs/demo), DEMO_SKIP_INSTALL=1 (use the current environment as it is),
+# DEMO_ACCELERATOR (cpu|gpu|npu|auto, default cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
