@@ -7,12 +7,11 @@
   runtimes without ``DeformConv``.
 """
 import contextlib
-import types
 
 import torch
-import torch.nn.functional as F
 
 from bevdepth.deploy.errors import DeployError
+from bevdepth.ops.deform_conv import deform_conv2d_grid_sample  # noqa: F401  (re-exported)
 
 __all__ = ['inverse_4x4', 'register_onnx_symbolics', 'deform_conv2d_grid_sample']
 
@@ -134,61 +133,20 @@ def register_onnx_symbolics(opset):
     register_custom_op_symbolic('aten::linalg_inv', _linalg_inv_symbolic, 9)
 
 
-def deform_conv2d_grid_sample(x, offset, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                              deform_groups=1, bias=None):
-    """DCNv1 written with ``grid_sample`` + grouped 1x1 conv: equals ``torchvision.ops.deform_conv2d``.
-
-    Args:
-        x: (B, C_in, H, W); offset: (B, 2 * deform_groups * kh * kw, oH, oW), interleaved (dy, dx) per tap;
-        weight: (C_out, C_in / groups, kh, kw); bias: (C_out,) or None.
-    Returns:
-        (B, C_out, oH, oW).
-
-    Tap k of output (i, j) samples x at (i * stride - pad + ky * dilation + dy, j * ... + dx) bilinearly,
-    corners outside the image counting as 0 - exactly ``grid_sample(padding_mode='zeros')``. With
-    align_corners=False pixel p maps to (2p + 1) / size - 1, which also works for size 1.
-    """
-    batch, channels, height, width = x.shape
-    out_channels, _, kernel_h, kernel_w = weight.shape
-    taps = kernel_h * kernel_w
-    out_h, out_w = offset.shape[2:]
-    dtype, device = x.dtype, x.device
-    rows = torch.arange(out_h, dtype=dtype, device=device) * stride[0] - padding[0]
-    cols = torch.arange(out_w, dtype=dtype, device=device) * stride[1] - padding[1]
-    tap_y = (torch.arange(kernel_h, dtype=dtype, device=device) * dilation[0]).repeat_interleave(kernel_w)
-    tap_x = (torch.arange(kernel_w, dtype=dtype, device=device) * dilation[1]).repeat(kernel_h)
-    offset = offset.reshape(batch * deform_groups, taps, 2, out_h, out_w)
-    sample_y = offset[:, :, 0] + (tap_y.view(taps, 1, 1) + rows.view(1, out_h, 1))
-    sample_x = offset[:, :, 1] + (tap_x.view(taps, 1, 1) + cols.view(1, 1, out_w))
-    grid = torch.stack(((2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1), dim=-1)
-    sampled = F.grid_sample(x.reshape(batch * deform_groups, channels // deform_groups, height, width),
-                            grid.reshape(batch * deform_groups, taps * out_h, out_w, 2),
-                            mode='bilinear', padding_mode='zeros', align_corners=False)
-    # (B * dg, C / dg, taps * oH, oW) -> (B, C * taps, oH, oW): channel index c * taps + tap, which is the
-    # flattening order of weight (C_out, C_in / groups, kh, kw) for a grouped 1x1 conv.
-    columns = sampled.reshape(batch, channels * taps, out_h, out_w)
-    return F.conv2d(columns, weight.reshape(out_channels, -1, 1, 1), bias, groups=groups)
-
-
-def _grid_sample_dcn_forward(self, x):
-    offset = self.conv_offset(x)
-    return deform_conv2d_grid_sample(x, offset, self.weight, self.stride, self.padding, self.dilation,
-                                     self.groups, self.deform_groups, self.bias)
-
-
 @contextlib.contextmanager
 def _dcn_mode(model, dcn):
-    """Temporarily route every ``DeformConv2dPack`` of ``model`` through the chosen DCN implementation."""
+    """Temporarily route every ``DeformConv2dPack`` of ``model`` through the chosen DCN implementation:
+    'native' traces torchvision's op (-> ONNX DeformConv), 'grid_sample' the decomposition (whatever the
+    device's usual backend is)."""
     from bevdepth.ops.deform_conv import DeformConv2dPack
 
-    patched = []
-    if dcn == 'grid_sample':
-        for module in model.modules():
-            if isinstance(module, DeformConv2dPack):
-                module.forward = types.MethodType(_grid_sample_dcn_forward, module)
-                patched.append(module)
+    backend = {'native': 'torchvision', 'grid_sample': 'grid_sample'}[dcn]
+    modules = [module for module in model.modules() if isinstance(module, DeformConv2dPack)]
+    previous = [module.backend for module in modules]
+    for module in modules:
+        module.backend = backend
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward  # back to the class method
+        for module, saved in zip(modules, previous):
+            module.backend = saved

@@ -73,11 +73,13 @@ def test_zero_offsets_equal_plain_grouped_conv():
     torch.testing.assert_close(dcn(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('backend', ['torchvision', 'grid_sample'])
 @pytest.mark.parametrize('deform_groups', [1, 2])
-def test_torchvision_path_matches_bilinear_reference(deform_groups):
+def test_cpu_backends_match_bilinear_reference(deform_groups, backend):
     torch.manual_seed(1)
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
     dcn = DeformConv2dPack(8, 8, kernel_size=3, padding=1, groups=4, deform_groups=deform_groups).double()
+    dcn.backend = backend
     # Non-zero offsets, including some that push samples outside the map.
     torch.nn.init.normal_(dcn.conv_offset.weight, std=0.3)
     torch.nn.init.uniform_(dcn.conv_offset.bias, -1.5, 1.5)
@@ -86,12 +88,13 @@ def test_torchvision_path_matches_bilinear_reference(deform_groups):
     torch.testing.assert_close(dcn(x).detach(), expected, rtol=1e-9, atol=1e-9)
 
 
-def test_stride_dilation_against_reference():
+@pytest.mark.parametrize('backend', ['torchvision', 'grid_sample'])
+def test_stride_dilation_against_reference(backend):
     torch.manual_seed(2)
     x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
     weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     offset = torch.randn(1, 18, 3, 3, dtype=torch.float64)
-    out = deform_conv2d(x, offset, weight, stride=2, padding=1, dilation=2, groups=2)
+    out = deform_conv2d(x, offset, weight, stride=2, padding=1, dilation=2, groups=2, backend=backend)
     expected = reference_deform_conv(x, offset, weight, 2, 1, 2, 2, 1)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
@@ -104,6 +107,39 @@ def test_gradients_flow_to_input_weight_and_offset_conv():
     dcn(x).square().sum().backward()
     for grad in (x.grad, dcn.weight.grad, dcn.conv_offset.weight.grad, dcn.conv_offset.bias.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('stride, dilation, groups, deform_groups', [(1, 1, 4, 1), (2, 2, 2, 2)])
+def test_grid_sample_backend_gradients_equal_torchvision(stride, dilation, groups, deform_groups):
+    """The CPU default (grid_sample decomposition) trains exactly like torchvision's kernel: same output and
+    the same gradients for input, offsets, weight and bias (float64, offsets reaching past the border)."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    weight = torch.randn(8, 8 // groups, 3, 3, dtype=torch.float64)
+    bias = torch.randn(8, dtype=torch.float64)
+    out_h, out_w = (7 + 2 - 2 * dilation - 1) // stride + 1, (9 + 2 - 2 * dilation - 1) // stride + 1
+    offset = 2.5 * torch.randn(2, 2 * deform_groups * 9, out_h, out_w, dtype=torch.float64)
+    upstream = torch.randn(2, 8, out_h, out_w, dtype=torch.float64)
+    results = {}
+    for backend in ('torchvision', 'grid_sample'):
+        leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+        out = deform_conv2d(leaves[0], leaves[1], leaves[2], stride, 1, dilation, groups, deform_groups, leaves[3],
+                            backend=backend)
+        out.backward(upstream)
+        results[backend] = [out.detach()] + [leaf.grad for leaf in leaves]
+    for name, got, expected in zip(('output', 'x', 'offset', 'weight', 'bias'), results['grid_sample'],
+                                   results['torchvision']):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=f'{name} differs')
+
+
+def test_auto_backend_is_grid_sample_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(deform_conv, 'deform_conv2d_grid_sample',
+                        lambda *args: calls.append('grid_sample') or torch.zeros(1, 4, 5, 5))
+    deform_conv2d(torch.randn(1, 4, 5, 5), torch.zeros(1, 18, 5, 5), torch.randn(4, 4, 3, 3), padding=1)
+    assert calls == ['grid_sample']
+    with pytest.raises(ValueError, match='backend must be one of'):
+        deform_conv2d(torch.randn(1, 4, 5, 5), torch.zeros(1, 18, 5, 5), torch.randn(4, 4, 3, 3), backend='cuda')
 
 
 def test_bad_offset_channels_raise():
