@@ -29,6 +29,7 @@ import math
 import warnings
 from typing import NamedTuple, Optional
 
+import numpy
 import torch
 from torch import nn
 
@@ -207,9 +208,12 @@ def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, 
         coef_first = torch.einsum('via,vak->vik', rows[:, :, 2:], inv_ida[:, 2:])  # (V, 2, 4)
         coef_const = (-lower / scale).expand(num_views, 2)[..., None]
         coef = torch.cat([coef_second, coef_first, coef_const], 2)  # (V, 2, 21)
-        cells = torch.matmul(row_features, coef.transpose(1, 2))  # (V, W * D, 2)
+        # One (2 * V, 21) x (21, W * D) GEMM for all views (V products with 2 output columns each run ~3x
+        # slower on CPU); x and y come out as separate contiguous planes, which is what the builds read.
+        cells = torch.matmul(coef.transpose(0, 1).reshape(2 * num_views, -1), row_features.t())
     feat_w = row_features.shape[0] // num_depth
-    return cells.long().view(batch_size, num_cams * feat_w, num_depth, 2)
+    # (2, V, W * D) -> (B, N * W, D, 2) is a view: the integer conversion runs on contiguous memory.
+    return cells.long().view(2, batch_size, num_cams * feat_w, num_depth).permute(1, 2, 3, 0)
 
 
 def fast_cells_supported(device):
@@ -258,19 +262,36 @@ def build_ring_ray(cells, bev_size):
     return ring, ray
 
 
+def _masked(values, mask):
+    """1-D tensor of ``values[mask]`` (row-major order). On CPU through NumPy's compaction (~1.5x faster than
+    ``masked_select`` on one thread); elsewhere ``masked_select``."""
+    if values.device.type == 'cpu':
+        return torch.from_numpy(values.numpy()[mask.numpy()])
+    return torch.masked_select(values, mask)
+
+
 def _sorted_unique(keys):
-    """Sorted distinct values of a 1-D integer tensor (sort + neighbour comparison)."""
-    keys = torch.sort(keys).values
+    """Sorted distinct values of a 1-D integer tensor (sort + neighbour comparison).
+
+    On CPU the sort is NumPy's (SIMD quicksort: ~3x faster than ``torch.sort`` on int32 keys); elsewhere
+    ``torch.sort``. Values only (no permutation): the keys encode everything the caller needs.
+    """
+    if keys.device.type == 'cpu':
+        keys = torch.from_numpy(numpy.sort(keys.numpy()))
+    else:
+        keys = torch.sort(keys).values
     if keys.numel() < 2:
         return keys
     keep = torch.ones_like(keys, dtype=torch.bool)
     torch.ne(keys[1:], keys[:-1], out=keep[1:])
-    return keys[keep]
+    if bool(keep.all()):  # the common case for the ray pairs (a ray never returns to a cell it left)
+        return keys
+    return _masked(keys, keep)
 
 
 def _csr_rows(index, num_rows):
     """CSR row pointers (num_rows + 1,) of a sorted row index."""
-    crow = index.new_zeros(num_rows + 1)
+    crow = index.new_zeros(num_rows + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(index, minlength=num_rows), 0, out=crow[1:])
     return crow
 
@@ -280,25 +301,24 @@ def _join_pairs(pair_key, ring_key, batch_size, num_rays, num_depth, bev_size):
     cell-major), ring_key = (b * L2 + c) * D + d (the ring map's non-zeros, cell-major)."""
     num_cells = bev_size * bev_size
     device = pair_key.device
-    # Divisions in the keys' own (usually int32) dtype, indices as int64 afterwards.
+    # Divisions in the keys' own (usually int32) dtype, indices as int64 afterwards; gathers with index_select
+    # (several times faster than advanced indexing on CPU).
     pair_cell = torch.div(pair_key, num_rays, rounding_mode='floor')  # b * L2 + c
     pair_row = (torch.div(pair_cell, num_cells, rounding_mode='floor') * num_rays
                 + (pair_key - pair_cell * num_rays)).long()  # b * R + r
     pair_cell = pair_cell.long()
     ring_cell = torch.div(ring_key, num_depth, rounding_mode='floor')
     ring_d = (ring_key - ring_cell * num_depth).long()
-    ring_cell = ring_cell.long()
 
     # Ring entries are sorted by cell: each cell's entries are one run [start, start + count) of the list.
     ring_crow = _csr_rows(ring_cell, batch_size * num_cells)
-    start = ring_crow[pair_cell]
-    count = ring_crow[pair_cell + 1] - start
+    start = ring_crow.index_select(0, pair_cell)
+    count = ring_crow.index_select(0, pair_cell + 1) - start
     first_triple = torch.cumsum(count, 0) - count
-    num_triples = int(count.sum())
-    triple_pair = torch.repeat_interleave(torch.arange(pair_key.numel(), device=device), count,
-                                          output_size=num_triples)
-    triple_ring = torch.arange(num_triples, device=device) + (start - first_triple)[triple_pair]
-    triple_depth = pair_row[triple_pair] * num_depth + ring_d[triple_ring]
+    num_triples = int(first_triple[-1] + count[-1]) if count.numel() else 0
+    triple_pair = torch.repeat_interleave(count, output_size=num_triples)  # the pair of every triple
+    triple_ring = torch.arange(num_triples, device=device) + (start - first_triple).index_select(0, triple_pair)
+    triple_depth = pair_row.index_select(0, triple_pair) * num_depth + ring_d.index_select(0, triple_ring)
     return SparseProjection(pair_row, pair_cell, triple_pair, triple_depth, batch_size, num_rays, num_depth,
                             bev_size, _csr_rows(pair_cell, batch_size * num_cells))
 
@@ -309,31 +329,33 @@ def build_sparse_projection(cells, bev_size):
     Same validity / null-cell rules as ``cells_to_flat_index``. Keys are int32 whenever they fit (half the
     memory traffic of int64, faster sorts). Neighbouring points usually share a cell (consecutive depth bins of
     a ray, neighbouring rays at one depth bin), so exact neighbour duplicates are dropped before the global
-    sort + dedup: same result, ~35 % fewer keys to sort.
+    sort + dedup: same result, ~35 % fewer keys to sort. (A ray's row-averaged points lie on a straight line,
+    so its cells never repeat after this step and the pair dedup finds nothing to drop.)
     """
     batch_size, num_rays, num_depth, _ = cells.shape
     num_cells = bev_size * bev_size
     device = cells.device
     index_dtype = torch.int32 if batch_size * num_cells * max(num_rays, num_depth) < 2 ** 31 else torch.int64
-    cells = cells.to(index_dtype)
-    x, y = cells[..., 0], cells[..., 1]
+    x, y = cells[..., 0].to(index_dtype), cells[..., 1].to(index_dtype)
     flat = y * bev_size + x
     null_cell = (bev_size // 2) * bev_size + bev_size // 2
     valid = (torch.minimum(x, y) >= 0) & (torch.maximum(x, y) <= bev_size - 1) & (flat != null_cell)
-    batch_cell = flat + torch.arange(0, batch_size * num_cells, num_cells, device=device,
-                                     dtype=index_dtype).view(batch_size, 1, 1)  # b * L2 + c
+    # b * L2 + c for valid points, -1 for invalid ones: an invalid point's flat index may equal a valid
+    # neighbour's (x = -1 wraps to the previous row), and must not make the neighbour look like a duplicate.
+    batch_cell = torch.where(valid, flat + torch.arange(0, batch_size * num_cells, num_cells, device=device,
+                                                        dtype=index_dtype).view(batch_size, 1, 1), -1)
 
     # Ray map: (cell, ray) keys; skip a point equal to the previous depth bin's of the same ray.
     keep = valid.clone()
-    keep[:, :, 1:] &= flat[:, :, 1:] != flat[:, :, :-1]
+    keep[:, :, 1:] &= batch_cell[:, :, 1:] != batch_cell[:, :, :-1]
     pair_key = batch_cell * num_rays + torch.arange(num_rays, device=device, dtype=index_dtype).view(1, -1, 1)
-    pair_key = _sorted_unique(pair_key[keep])
+    pair_key = _sorted_unique(_masked(pair_key, keep))
 
     # Ring map: (cell, depth bin) keys; skip a point equal to the previous ray's at the same depth bin.
     keep = valid
-    keep[:, 1:, :] &= flat[:, 1:, :] != flat[:, :-1, :]
+    keep[:, 1:, :] &= batch_cell[:, 1:, :] != batch_cell[:, :-1, :]
     ring_key = batch_cell * num_depth + torch.arange(num_depth, device=device, dtype=index_dtype)
-    ring_key = _sorted_unique(ring_key[keep])
+    ring_key = _sorted_unique(_masked(ring_key, keep))
     return _join_pairs(pair_key, ring_key, batch_size, num_rays, num_depth, bev_size)
 
 

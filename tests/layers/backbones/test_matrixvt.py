@@ -251,6 +251,20 @@ def test_reference_semantics_on_hand_made_cells():
     assert flat[0, 0].tolist() == [0, 0, 10, 10] and valid[0, 0].tolist() == [True, True, False, False]
 
 
+def test_sparse_build_ignores_invalid_neighbours_with_the_same_flat_index():
+    """An invalid point's row-major index can equal a valid neighbour's ((x, y) = (-1, 2) -> 2L - 1, the index
+    of (L - 1, 1)); the sparse build must not take the valid point for a duplicate of it, along a ray (depth
+    bins) nor across rays (one depth bin)."""
+    bev_size = 4
+    cells = torch.tensor([[[[-1, 2], [3, 1], [3, 1]],     # ray 0: invalid, then valid (3, 1) twice
+                           [[0, 0], [-1, 2], [0, 3]],     # ray 1: bin 1 invalid
+                           [[1, 0], [3, 1], [0, 3]]]])    # ray 2: bin 1 valid with ray 1's bin-1 index
+    ring, ray = build_ring_ray(cells, bev_size)
+    assert ray[0, 0, 7] == 1 and ring[0, 1, 7] == 1 and ring[0, 2, 7] == 1
+    sparse_ring, sparse_ray = ring_ray_from_sparse(build_sparse_projection(cells, bev_size))
+    assert torch.equal(sparse_ring, ring) and torch.equal(sparse_ray, ray)
+
+
 def test_truncation_toward_zero_not_floor():
     # Normalised coordinates -0.5 truncate to cell 0 (kept), -1.2 to -1 (invalid).
     voxel_size = torch.tensor([1.0, 1.0, 8.0])
