@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bevdepth.deploy.errors import DeployError  # noqa: E402
-from bevdepth.deploy import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, build_experiment,  # noqa: E402
+from bevdepth.deploy import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, build_experiment, dcn_mode,  # noqa: E402
                              calibrate_heatmap_bias, create_session, decode_outputs, export_onnx, load_model_weights,
                              randomise_for_parity, run_session)
 
@@ -144,7 +144,9 @@ def run(args):
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, opset {metadata["opset"]}, '
           f'dcn={metadata["dcn"]}, dynamic_mats={metadata["dynamic_mats"]}) in {time.perf_counter() - start:.1f} s')
 
-    with torch.no_grad():
+    # The PyTorch side of the parity check runs the DCN arithmetic that was exported (torchvision's kernel for
+    # 'native', the grid_sample decomposition otherwise): near-tied scores then decode in the same order.
+    with torch.no_grad(), dcn_mode(model, args.dcn):
         torch_preds = model(imgs, mats_dict)
     session = create_session(args.out, num_threads=args.threads)
     onnx_outputs = run_session(session, imgs, mats_dict)
@@ -160,7 +162,7 @@ def run(args):
     if args.benchmark > 0:
         with torch.no_grad():
             latencies = median_latencies(dict(onnxruntime=lambda: run_session(session, imgs, mats_dict),
-                                              pytorch=lambda: model(imgs, mats_dict)), args.benchmark)
+                                              pytorch=lambda: model(imgs, mats_dict)), args.benchmark)  # CPU default
         print(f'CPU latency per sample (median of {args.benchmark}, torch threads {torch.get_num_threads()}, '
               f'onnxruntime threads {args.threads or "default"}): onnxruntime '
               f'{1000 * latencies["onnxruntime"]:.0f} ms, PyTorch {1000 * latencies["pytorch"]:.0f} ms')

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from bevdepth.deploy.errors import DeployError
-from bevdepth.deploy.onnx_ops import _dcn_mode, register_onnx_symbolics
+from bevdepth.deploy.onnx_ops import dcn_mode, register_onnx_symbolics
 from bevdepth.utils.io import atomic_write_bytes
 
 __all__ = ['HEAD_NAMES', 'MATS_INPUT_NAMES', 'IMAGE_INPUT_NAME', 'DEFAULT_OPSET', 'DCN_MODES', 'METADATA_KEY',
@@ -183,7 +183,7 @@ def export_onnx(model, sample_mats, out_path, opset=DEFAULT_OPSET, dynamic_mats=
     register_onnx_symbolics(opset)
     baked = None if dynamic_mats else _proj_mat_for(model, mats_dict)
     buffer = io.BytesIO()
-    with _export_state(model, baked), _dcn_mode(model, dcn), torch.no_grad(), \
+    with _export_state(model, baked), dcn_mode(model, dcn), torch.no_grad(), \
             warnings.catch_warnings():
         # The TorchScript-based exporter (dynamo=False) is deliberate: torch 2.14's default dynamo exporter
         # needs the onnxscript package (not a dependency) and its own translation tables for our custom

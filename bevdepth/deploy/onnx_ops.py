@@ -2,7 +2,7 @@
 
 * ``torch.inverse`` of 4x4 matrices -> an explicit adjugate / determinant expression (ONNX has no matrix
   inverse); ``inverse_4x4`` is the same formula in eager mode.
-* ``torchvision::deform_conv2d`` -> the standard ONNX ``DeformConv`` (opset 19), or, with ``_dcn_mode(model,
+* ``torchvision::deform_conv2d`` -> the standard ONNX ``DeformConv`` (opset 19), or, with ``dcn_mode(model,
   'grid_sample')``, DCNv1 rewritten as ``grid_sample`` + a grouped 1x1 conv (``deform_conv2d_grid_sample``) for
   runtimes without ``DeformConv``.
 """
@@ -13,7 +13,7 @@ import torch
 from bevdepth.deploy.errors import DeployError
 from bevdepth.ops.deform_conv import deform_conv2d_grid_sample  # noqa: F401  (re-exported)
 
-__all__ = ['inverse_4x4', 'register_onnx_symbolics', 'deform_conv2d_grid_sample']
+__all__ = ['inverse_4x4', 'register_onnx_symbolics', 'deform_conv2d_grid_sample', 'dcn_mode']
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def register_onnx_symbolics(opset):
 
 
 @contextlib.contextmanager
-def _dcn_mode(model, dcn):
+def dcn_mode(model, dcn):
     """Temporarily route every ``DeformConv2dPack`` of ``model`` through the chosen DCN implementation:
     'native' traces torchvision's op (-> ONNX DeformConv), 'grid_sample' the decomposition (whatever the
     device's usual backend is)."""

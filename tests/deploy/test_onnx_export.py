@@ -13,7 +13,7 @@ import torch
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 
-from bevdepth.deploy import (HEAD_NAMES, MATS_INPUT_NAMES, DeployError, build_experiment,  # noqa: E402
+from bevdepth.deploy import (HEAD_NAMES, MATS_INPUT_NAMES, DeployError, build_experiment, dcn_mode,  # noqa: E402
                              calibrate_heatmap_bias, create_session, decode_outputs, export_onnx, load_model_weights,
                              mats_mismatch, randomise_for_parity, read_export_metadata, run_session)
 
@@ -70,8 +70,10 @@ def tiny_sample(tiny_exp):
 
 @pytest.fixture(scope='module')
 def tiny_torch_preds(tiny_exp, tiny_sample):
+    # The static graph is exported with dcn='native' (torchvision's DCN arithmetic), not the CPU default
+    # grid_sample decomposition: same arithmetic, so near-tied scores decode in the same order.
     imgs, mats_dict, _ = tiny_sample
-    with torch.no_grad():
+    with torch.no_grad(), dcn_mode(tiny_exp.model, 'native'):
         return tiny_exp.model(imgs, mats_dict)
 
 
@@ -191,7 +193,7 @@ def test_infer_script_writes_the_pytorch_boxes(tiny_exp, tiny_static_onnx, synth
 
     dataset = tiny_exp.build_dataset(tiny_exp.val_info_paths, is_train=False)
     outputs = []
-    with torch.no_grad():
+    with torch.no_grad(), dcn_mode(tiny_exp.model, 'native'):  # the arithmetic of the exported graph
         for index in range(num_samples):
             outputs.extend(tiny_exp.eval_step(collate_fn([dataset[index]])))
     torch_path = tiny_exp.evaluator.format_results([o[:3] for o in outputs], [o[3] for o in outputs],

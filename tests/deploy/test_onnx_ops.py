@@ -10,7 +10,7 @@ import torchvision
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 
-from bevdepth.deploy.onnx_ops import (_dcn_mode, deform_conv2d_grid_sample, inverse_4x4,  # noqa: E402
+from bevdepth.deploy.onnx_ops import (dcn_mode, deform_conv2d_grid_sample, inverse_4x4,  # noqa: E402
                                       register_onnx_symbolics)
 from bevdepth.ops.deform_conv import DeformConv2dPack  # noqa: E402
 
@@ -86,7 +86,7 @@ def test_deform_conv_pack_exports_and_matches(dcn, opset, op_type):
     x = torch.randn(2, 32, 8, 12)
     register_onnx_symbolics(opset)
     buffer = io.BytesIO()
-    with _dcn_mode(holder, dcn), torch.no_grad():
+    with dcn_mode(holder, dcn), torch.no_grad():
         torch.onnx.export(holder, (x,), buffer, dynamo=False, opset_version=opset, input_names=['x'])
     assert 'forward' not in vars(module)  # the patch is undone
     op_types = {node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node}
