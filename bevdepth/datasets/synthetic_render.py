@@ -8,6 +8,8 @@ global/ego x forward, y left, z up; box-local x along the length; camera x right
   moves, which makes perspective and depth perceivable; the sky is a pale gradient. Each box is drawn face by
   face with ``cv2.fillConvexPoly`` (painter's algorithm, far boxes first; back faces culled; faces clipped at
   a near plane so boxes beside or behind the camera stay correct), each face shaded by a fixed global light.
+  The front face (box-local +x, the heading) carries a dark inset panel (a "windscreen") so heading is
+  visible, as it is on real objects; without it front and back look alike and yaw is ambiguous by 180 deg.
   The ground's per-pixel ego coordinates only depend on the fixed camera extrinsics, so they are computed
   once per camera and each frame only rotates/translates them.
 * LiDAR (``LidarScanner``): one ray per ring and azimuth step, intersected with the ground plane and every box
@@ -28,6 +30,10 @@ UNIT_CORNERS = np.array([[(1 if i & 4 else -1), (1 if i & 2 else -1), (1 if i & 
 # The six faces as cyclic corner lists with their outward unit normals in the box frame.
 BOX_FACES = (((4, 6, 7, 5), (1, 0, 0)), ((0, 1, 3, 2), (-1, 0, 0)), ((2, 3, 7, 6), (0, 1, 0)),
              ((0, 4, 5, 1), (0, -1, 0)), ((1, 5, 7, 3), (0, 0, 1)), ((0, 2, 6, 4), (0, 0, -1)))
+
+FRONT_FACE = 0  # index in BOX_FACES of the +x face
+FRONT_PANEL_INSET = 0.25  # the panel's corners move this fraction of the way to the face centre
+FRONT_PANEL_BGR = (38.0, 36.0, 34.0)  # near-black: unlike every instance colour at any shade
 
 GROUND_GREY = 112.0
 SKY_HORIZON_BGR = np.array([214.0, 208.0, 200.0])
@@ -147,30 +153,36 @@ class CameraRenderer:
             center_cam = rot @ np.asarray(box['center']) + trans
             items.append((float(np.linalg.norm(center_cam)), box))
         items.sort(key=lambda item: -item[0])
-        scale = float(1 << SUBPIXEL_BITS)
         for _, box in items:
             corners = box_corners(box['center'], box['size_lwh'], box['yaw']) @ rot.T + trans
             if np.all(corners[:, 2] < NEAR_PLANE):
                 continue
             box_rot = yaw_matrix(box['yaw'])
             color = np.asarray(box['color'], dtype=np.float64)
-            for face, normal in BOX_FACES:
+            for face_index, (face, normal) in enumerate(BOX_FACES):
                 normal_global = box_rot @ np.asarray(normal, dtype=np.float64)
                 polygon = corners[list(face)]
                 if np.dot(rot @ normal_global, polygon.mean(axis=0)) >= 0:  # back face
                     continue
-                polygon = clip_polygon_near(polygon)
-                if polygon is None:
-                    continue
-                projected = polygon @ self.intrinsic.T
-                uv = projected[:, :2] / projected[:, 2:3]
-                if (uv[:, 0].max() < 0 or uv[:, 1].max() < 0 or uv[:, 0].min() >= self.width
-                        or uv[:, 1].min() >= self.height):
-                    continue
-                uv = np.clip(uv, -1e5, 1e5)  # keeps fixed-point vertices inside int32 for grazing faces
                 shade = AMBIENT + DIFFUSE * max(0.0, float(np.dot(normal_global, LIGHT_DIRECTION)))
-                fill = tuple(float(v) for v in np.clip(color * shade, 0, 255))
-                cv2.fillConvexPoly(image, np.round(uv * scale).astype(np.int32), fill, cv2.LINE_AA, SUBPIXEL_BITS)
+                self._fill_polygon(image, polygon, color * shade)
+                if face_index == FRONT_FACE:
+                    panel = polygon + FRONT_PANEL_INSET * (polygon.mean(axis=0) - polygon)
+                    self._fill_polygon(image, panel, np.asarray(FRONT_PANEL_BGR) * shade)
+
+    def _fill_polygon(self, image, polygon_cam, bgr):
+        """Fills a planar convex camera-frame polygon (K, 3), clipped at the near plane, with colour ``bgr``."""
+        polygon = clip_polygon_near(polygon_cam)
+        if polygon is None:
+            return
+        projected = polygon @ self.intrinsic.T
+        uv = projected[:, :2] / projected[:, 2:3]
+        if uv[:, 0].max() < 0 or uv[:, 1].max() < 0 or uv[:, 0].min() >= self.width or uv[:, 1].min() >= self.height:
+            return
+        uv = np.clip(uv, -1e5, 1e5)  # keeps fixed-point vertices inside int32 for grazing faces
+        fill = tuple(float(v) for v in np.clip(bgr, 0, 255))
+        scale = float(1 << SUBPIXEL_BITS)
+        cv2.fillConvexPoly(image, np.round(uv * scale).astype(np.int32), fill, cv2.LINE_AA, SUBPIXEL_BITS)
 
 
 # HDL-32E like: 32 rings from -30.67 to +10.67 degrees elevation.

@@ -95,3 +95,22 @@ def test_tiny_demo_starts_heatmaps_from_the_focal_prior_but_reference_head_does_
     reference_head = MatrixVT_Det(nuscenes.backbone_conf(), nuscenes.head_conf()).head
     bias = reference_head.task_heads[0].heatmap[-1].bias
     assert bias.abs().max() < 0.5  # PyTorch's default uniform init, as the reference (spec J.3)
+
+
+@pytest.mark.parametrize('downsample_factor, feature_size, neck_strides', [
+    (16, (8, 22), [0.25, 0.5, 1, 2]),  # the reference's stride
+    (8, (16, 44), [0.5, 1, 2, 4]),
+])
+def test_tiny_feature_stride(downsample_factor, feature_size, neck_strides):
+    """--downsample_factor sets the frustum, the image FPN's resampling and the depth-label stride together."""
+    module = MatrixVTTinyExp(downsample_factor=downsample_factor, data_root='unused')
+    backbone = module.model.backbone
+    assert tuple(backbone.frustum.shape[1:3]) == feature_size
+    assert backbone.img_neck.upsample_strides == neck_strides
+    assert module.depth_loss_fn.downsample_factor == downsample_factor
+    backbone.eval()
+    with torch.no_grad():
+        feats = backbone.get_cam_feats(torch.zeros(1, 1, 2, 3, 128, 352))
+    assert tuple(feats.shape[-2:]) == feature_size
+    with pytest.raises(ValueError, match='--downsample_factor must be one of'):
+        MatrixVTTinyExp(downsample_factor=12, data_root='unused')

@@ -47,6 +47,7 @@ TINY_SETTINGS = dict(
         final_dim=list(tiny.FINAL_DIM),
         head_channels=32,  # the 36 head convs on the 64x64 grid cost more than the image backbone at 64
         img_base_channels=32,  # half-width ResNet-18: ~2x cheaper steps, measured better mAP/NDS in the same time
+        downsample_factor=16,  # image stride of the depth / context features (the reference's 16)
         ida_aug=True,
         bda_aug=True,
     ),
@@ -55,6 +56,8 @@ TINY_SETTINGS = dict(
     heatmap_prior_bias=-2.19,  # demo-only deviation from the reference, see init_heatmap_bias
 
 )
+
+IMAGE_LEVEL_STRIDES = (4, 8, 16, 32)  # strides of the four ResNet stages fed to the image FPN
 
 # The reference's training resize range (for 704-pixel-wide inputs); scaled with the input width.
 REFERENCE_RESIZE_LIM = (0.386, 0.55)
@@ -96,6 +99,7 @@ class MatrixVTTinyExp(BEVDepthLightningModel):
     Args (besides BEVDepthLightningModel's):
         final_dim: network input (H, W), multiples of 32.
         img_base_channels: width of the image ResNet's first stage (64 = standard ResNet-18; default 32).
+        downsample_factor: image stride of the depth / context features (4, 8 or 16).
         head_channels: channels of the task heads' shared conv and branch convs (default 32; None: 64 as the
             reference); the 36 branch convs on the BEV grid cost more than the image backbone at small
             input sizes.
@@ -108,9 +112,19 @@ class MatrixVTTinyExp(BEVDepthLightningModel):
 
     def __init__(self, final_dim=tiny.FINAL_DIM, head_channels=TINY_SETTINGS['cli_defaults']['head_channels'],
                  img_base_channels=TINY_SETTINGS['cli_defaults']['img_base_channels'],
+                 downsample_factor=TINY_SETTINGS['cli_defaults']['downsample_factor'],
                  resize_lim=None, ida_aug=True, bda_aug=True, **kwargs):
         backbone_conf = tiny.backbone_conf()
         backbone_conf['final_dim'] = tuple(int(v) for v in final_dim)
+        if downsample_factor not in IMAGE_LEVEL_STRIDES[:3]:
+            raise ValueError(f'--downsample_factor must be one of {list(IMAGE_LEVEL_STRIDES[:3])} (a ResNet level '
+                             f'stride), got {downsample_factor}')
+        if any(v % downsample_factor for v in backbone_conf['final_dim']):
+            raise ValueError(f'--final_dim {list(final_dim)} must be multiples of --downsample_factor '
+                             f'{downsample_factor}')
+        backbone_conf['downsample_factor'] = int(downsample_factor)
+        # The FPN resamples every ResNet level (strides 4, 8, 16, 32) to the feature stride.
+        backbone_conf['img_neck_conf']['upsample_strides'] = [s / downsample_factor for s in IMAGE_LEVEL_STRIDES]
         if img_base_channels < 1:
             raise ValueError(f'--img_base_channels must be >= 1, got {img_base_channels}')
         width = int(img_base_channels)
@@ -126,8 +140,8 @@ class MatrixVTTinyExp(BEVDepthLightningModel):
         kwargs.setdefault('ida_aug_conf', image_aug_conf(final_dim, resize_lim, ida_aug))
         kwargs.setdefault('bda_aug_conf', bev_aug_conf(bda_aug))
         super().__init__(**kwargs)
-        self.save_hyperparameters('final_dim', 'head_channels', 'img_base_channels', 'resize_lim', 'ida_aug',
-                                  'bda_aug')
+        self.save_hyperparameters('final_dim', 'head_channels', 'img_base_channels', 'downsample_factor',
+                                  'resize_lim', 'ida_aug', 'bda_aug')
         self.data_use_cbgs = TINY_SETTINGS['use_cbgs']
 
     @staticmethod
@@ -137,6 +151,9 @@ class MatrixVTTinyExp(BEVDepthLightningModel):
                            help=f'network input size, multiples of 32 (default {list(tiny.FINAL_DIM)})')
         group.add_argument('--img_base_channels', type=int,
                            help='width of the image ResNet-18 (default 32 = half width; 64 = standard)')
+        group.add_argument('--downsample_factor', type=int,
+                           help='image stride of the depth / context features: 16 (reference) or 8 (2x the rays '
+                                'and feature rows, ~1.3x the step time)')
         group.add_argument('--head_channels', type=int,
                            help='channels of the task-head convs (default 64 as the reference; 32 is ~4x cheaper)')
         group.add_argument('--resize_lim', type=float, nargs=2, metavar=('LOW', 'HIGH'), default=None,
