@@ -296,7 +296,7 @@ def bench_ring_ray(config, batch_sizes=(1, 8), repeats=5, warmup=1, model=None):
     Timed per batch size (medians, seconds):
     ``loop_s``: the reference as written -- 7-dim broadcast geometry, steps 1-3, Python-loop steps 4-9
     (``reference_style_proj_mat``), the baseline of the target;
-    ``sparse_s`` / ``dense_s``: our production path -- ``MatrixVT.get_geom_cells`` (row-moment cells) then
+    ``sparse_s`` / ``dense_s``: our production path ``MatrixVT.build_projection`` -- ``get_geom_cells`` (row-moment cells) then
     ``build_sparse_projection`` (CPU / GPU) or ``build_ring_ray`` (NPU / ONNX);
     ``*_build_s``: steps 4-9 alone, every variant from the SAME cells (ours);
     ``reference_cells_s`` / ``cells_s``: geometry + steps 1-3 of the reference / ours;
@@ -319,10 +319,10 @@ def bench_ring_ray(config, batch_sizes=(1, 8), repeats=5, warmup=1, model=None):
                 return reference_style_proj_mat(model, mats)
 
             def dense():
-                return build_ring_ray(model.get_geom_cells(mats), bev_size)
+                return model.build_projection(mats, 'dense')
 
             def sparse():
-                return build_sparse_projection(model.get_geom_cells(mats), bev_size)
+                return model.build_projection(mats, 'sparse')
 
             times = measure_interleaved(dict(
                 loop=loop, dense=dense, sparse=sparse,
@@ -331,7 +331,7 @@ def bench_ring_ray(config, batch_sizes=(1, 8), repeats=5, warmup=1, model=None):
                 sparse_build=lambda: build_sparse_projection(cells, bev_size),
                 reference_cells=lambda: reference_cells(_reference_geometry(model, mats), model.voxel_coord,
                                                         model.voxel_size),
-                cells=lambda: model.get_geom_cells(mats),
+                cells=lambda: model.get_geom_cells(mats, dtype=torch.int32),
                 geometry=lambda: _geometry(model, mats)), repeats, warmup)
             ring_ref, ray_ref = reference_loop_from_cells(cells, bev_size)
             ring_dense, ray_dense = build_ring_ray(cells, bev_size)
@@ -462,7 +462,7 @@ def vt_forward_backward(model, case, inputs, same_cells=False):
     depth_prime = inputs['depth_prime'].detach().requires_grad_()
     if case == 'sparse':
         with torch.no_grad():
-            proj = build_sparse_projection(model.get_geom_cells(mats), model.bev_size)
+            proj = model.build_projection(mats, 'sparse')
         bev = project_sparse(feat_prime, depth_prime, proj)
     else:
         if case == 'dense':
@@ -562,7 +562,7 @@ def vt_breakdown(model, inputs, repeats=5, warmup=1):
 
     def cells_run():
         with torch.no_grad():
-            model.get_geom_cells(mats)
+            model.get_geom_cells(mats, dtype=torch.int32)
 
     times = measure_interleaved(dict(
         cells=cells_run, reference_cells=reference_cells_run, prime=prime, build_sparse=lambda: build('sparse'),

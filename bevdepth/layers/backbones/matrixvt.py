@@ -169,7 +169,8 @@ def frustum_row_features(frustum, dtype=torch.float64):
     return torch.cat([second, first, torch.ones_like(first[:, :1])], 1)
 
 
-def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, bda_mat, voxel_coord, voxel_size):
+def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, bda_mat, voxel_coord, voxel_size,
+                  out_dtype=torch.long):
     """Integer BEV cells of the row-averaged frustum points straight from the camera matrices (fast path of
     ``geometry_to_cells(frustum_to_ego(...))``, spec C.4 steps 1-3).
 
@@ -177,8 +178,9 @@ def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, 
         row_features: (fW * D, 21) from ``frustum_row_features`` (its dtype is the compute dtype).
         num_depth: D. sensor2ego_mat, intrin_mat, ida_mat: (B, N, 4, 4); bda_mat: (B, 4, 4) or None.
         voxel_coord, voxel_size: (3,) buffers of the model.
+        out_dtype: integer dtype of the result (the sparse build reads int32: half the memory of long).
     Returns:
-        (B, N * fW, D, 2) long cells (x, y), truncated toward zero.
+        (B, N * fW, D, 2) integer cells (x, y), truncated toward zero.
 
     Why it is exact: with p = ida^-1 f, q = (p0 p2, p1 p2, p2, p3) and xyz = M q (M = bda sensor2ego intrin^-1),
     the reference's mean over rows of the normalised points (M q - lower) / size equals
@@ -213,7 +215,7 @@ def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, 
         cells = torch.matmul(coef.transpose(0, 1).reshape(2 * num_views, -1), row_features.t())
     feat_w = row_features.shape[0] // num_depth
     # (2, V, W * D) -> (B, N * W, D, 2) is a view: the integer conversion runs on contiguous memory.
-    return cells.long().view(2, batch_size, num_cams * feat_w, num_depth).permute(1, 2, 3, 0)
+    return cells.to(out_dtype).view(2, batch_size, num_cams * feat_w, num_depth).permute(1, 2, 3, 0)
 
 
 def fast_cells_supported(device):
@@ -290,43 +292,80 @@ def _sorted_unique(keys):
 
 
 def _csr_rows(index, num_rows):
-    """CSR row pointers (num_rows + 1,) of a sorted row index."""
-    crow = index.new_zeros(num_rows + 1, dtype=torch.long)
+    """CSR row pointers (num_rows + 1,) long of a sorted row index (int32 or int64)."""
+    crow = torch.zeros(num_rows + 1, dtype=torch.long, device=index.device)
     torch.cumsum(torch.bincount(index, minlength=num_rows), 0, out=crow[1:])
     return crow
 
 
-def _join_pairs(pair_key, ring_key, batch_size, num_rays, num_depth, bev_size):
-    """Sparse structure from sorted distinct keys: pair_key = (b * L2 + c) * R + r (the ray map's non-zeros,
-    cell-major), ring_key = (b * L2 + c) * D + d (the ring map's non-zeros, cell-major)."""
+def _floor_div(values, divisor):
+    """values // divisor for non-negative integers: a shift when the divisor is a power of two (integer division
+    is ~15x slower than a shift on CPU)."""
+    if divisor & (divisor - 1) == 0:
+        return values >> (divisor.bit_length() - 1)
+    return torch.div(values, divisor, rounding_mode='floor')
+
+
+class _KeyLayout(NamedTuple):
+    """Packed sort keys (b * L2 + c) << shift | low, low = ray r (pairs) or depth bin d (ring): sorting them orders
+    the entries cell-major, and unpacking is a shift and a mask instead of integer divisions."""
+    dtype: torch.dtype
+    ray_shift: int
+    depth_shift: int
+
+
+def _key_layout(batch_size, num_cells, num_rays, num_depth):
+    ray_shift, depth_shift = (num_rays - 1).bit_length(), (num_depth - 1).bit_length()
+    fits_int32 = (batch_size * num_cells) << max(ray_shift, depth_shift) < 2 ** 31
+    return _KeyLayout(torch.int32 if fits_int32 else torch.int64, ray_shift, depth_shift)
+
+
+def _join_pairs(pair_key, ring_key, layout, batch_size, num_rays, num_depth, bev_size):
+    """Sparse structure from sorted distinct packed keys (``_KeyLayout``): the ray map's non-zeros (cell, r) and the
+    ring map's non-zeros (cell, d), both cell-major.
+
+    Written for CPU memory traffic: int32 arithmetic while it fits, index_select gathers (several times faster
+    than advanced indexing), in-place updates and cumulative sums instead of fresh (T,) temporaries (every fresh
+    multi-MB buffer costs page faults, which dominated this function).
+    """
     num_cells = bev_size * bev_size
     device = pair_key.device
-    # Divisions in the keys' own (usually int32) dtype, indices as int64 afterwards; gathers with index_select
-    # (several times faster than advanced indexing on CPU).
-    pair_cell = torch.div(pair_key, num_rays, rounding_mode='floor')  # b * L2 + c
-    pair_row = (torch.div(pair_cell, num_cells, rounding_mode='floor') * num_rays
-                + (pair_key - pair_cell * num_rays)).long()  # b * R + r
-    pair_cell = pair_cell.long()
-    ring_cell = torch.div(ring_key, num_depth, rounding_mode='floor')
-    ring_d = (ring_key - ring_cell * num_depth).long()
+    pair_cell = pair_key >> layout.ray_shift  # b * L2 + c
+    pair_row = _floor_div(pair_cell, num_cells).mul_(num_rays).add_(pair_key & ((1 << layout.ray_shift) - 1))
+    pair_row = pair_row.long()
+    ring_cell = ring_key >> layout.depth_shift
+    ring_d = (ring_key & ((1 << layout.depth_shift) - 1)).long()
 
-    # Ring entries are sorted by cell: each cell's entries are one run [start, start + count) of the list.
-    ring_crow = _csr_rows(ring_cell, batch_size * num_cells)
-    start = ring_crow.index_select(0, pair_cell)
-    count = ring_crow.index_select(0, pair_cell + 1) - start
-    first_triple = torch.cumsum(count, 0) - count
-    num_triples = int(first_triple[-1] + count[-1]) if count.numel() else 0
-    triple_pair = torch.repeat_interleave(count, output_size=num_triples)  # the pair of every triple
-    triple_ring = torch.arange(num_triples, device=device) + (start - first_triple).index_select(0, triple_pair)
-    triple_depth = pair_row.index_select(0, triple_pair) * num_depth + ring_d.index_select(0, triple_ring)
-    return SparseProjection(pair_row, pair_cell, triple_pair, triple_depth, batch_size, num_rays, num_depth,
+    # Ring entries are sorted by cell: each cell's entries are one run [start, start + count) of the list. Every
+    # pair's cell holds at least the pair's own (ray, bin) point, so count >= 1.
+    ring_count = torch.bincount(ring_cell, minlength=batch_size * num_cells)
+    ring_start = torch.cumsum(ring_count, 0).sub_(ring_count)
+    count = ring_count.index_select(0, pair_cell)
+    first_triple = torch.cumsum(count, 0)
+    num_triples = int(first_triple[-1]) if count.numel() else 0
+    first_triple -= count
+    start = ring_start.index_select(0, pair_cell)
+    # Triples of pair p are first_triple[p] + j, j < count[p], with ring entries start[p] + j: both indices are
+    # cumulative sums of steps that are 1 except where a new pair begins.
+    triple_pair = torch.zeros(num_triples, dtype=torch.long, device=device)
+    triple_pair.index_fill_(0, first_triple[1:], 1)
+    torch.cumsum(triple_pair, 0, out=triple_pair)
+    triple_ring = torch.ones(num_triples, dtype=torch.long, device=device)
+    if num_triples:
+        jumps = start.clone()
+        jumps[1:] -= start[:-1] + count[:-1] - 1  # from the previous pair's last ring entry to this pair's first
+        triple_ring.index_copy_(0, first_triple, jumps)
+        torch.cumsum(triple_ring, 0, out=triple_ring)
+    triple_depth = (pair_row * num_depth).index_select(0, triple_pair)
+    triple_depth += ring_d.index_select(0, triple_ring)
+    return SparseProjection(pair_row, pair_cell.long(), triple_pair, triple_depth, batch_size, num_rays, num_depth,
                             bev_size, _csr_rows(pair_cell, batch_size * num_cells))
 
 
 def build_sparse_projection(cells, bev_size):
-    """Sparse projection structure straight from (B, R, D, 2) long cells (never builds the dense matrices).
+    """Sparse projection structure straight from (B, R, D, 2) integer cells (never builds the dense matrices).
 
-    Same validity / null-cell rules as ``cells_to_flat_index``. Keys are int32 whenever they fit (half the
+    Same validity / null-cell rules as ``cells_to_flat_index``. Keys are packed int32 whenever they fit (half the
     memory traffic of int64, faster sorts). Neighbouring points usually share a cell (consecutive depth bins of
     a ray, neighbouring rays at one depth bin), so exact neighbour duplicates are dropped before the global
     sort + dedup: same result, ~35 % fewer keys to sort. (A ray's row-averaged points lie on a straight line,
@@ -335,28 +374,37 @@ def build_sparse_projection(cells, bev_size):
     batch_size, num_rays, num_depth, _ = cells.shape
     num_cells = bev_size * bev_size
     device = cells.device
-    index_dtype = torch.int32 if batch_size * num_cells * max(num_rays, num_depth) < 2 ** 31 else torch.int64
-    x, y = cells[..., 0].to(index_dtype), cells[..., 1].to(index_dtype)
-    flat = y * bev_size + x
+    layout = _key_layout(batch_size, num_cells, num_rays, num_depth)
+    index_dtype = layout.dtype
+    # Fresh copies: updated in place below (cells may be an int32 view already).
+    x, y = cells[..., 0].to(index_dtype, copy=True), cells[..., 1].to(index_dtype, copy=True)
+    if bev_size & (bev_size - 1) == 0:  # 0 <= x, y < L  <=>  no bit of x | y at or above L (sign bit included)
+        valid = ((x | y) & ~(bev_size - 1)) == 0
+    else:
+        valid = (torch.minimum(x, y) >= 0) & (torch.maximum(x, y) <= bev_size - 1)
+    batch_cell = y.mul_(bev_size).add_(x)  # flat cell y * L + x
     null_cell = (bev_size // 2) * bev_size + bev_size // 2
-    valid = (torch.minimum(x, y) >= 0) & (torch.maximum(x, y) <= bev_size - 1) & (flat != null_cell)
+    valid &= batch_cell != null_cell
     # b * L2 + c for valid points, -1 for invalid ones: an invalid point's flat index may equal a valid
     # neighbour's (x = -1 wraps to the previous row), and must not make the neighbour look like a duplicate.
-    batch_cell = torch.where(valid, flat + torch.arange(0, batch_size * num_cells, num_cells, device=device,
-                                                        dtype=index_dtype).view(batch_size, 1, 1), -1)
+    batch_cell += torch.arange(0, batch_size * num_cells, num_cells, device=device,
+                               dtype=index_dtype).view(batch_size, 1, 1)
+    batch_cell.masked_fill_(~valid, -1)
 
     # Ray map: (cell, ray) keys; skip a point equal to the previous depth bin's of the same ray.
     keep = valid.clone()
     keep[:, :, 1:] &= batch_cell[:, :, 1:] != batch_cell[:, :, :-1]
-    pair_key = batch_cell * num_rays + torch.arange(num_rays, device=device, dtype=index_dtype).view(1, -1, 1)
-    pair_key = _sorted_unique(_masked(pair_key, keep))
+    key = torch.bitwise_left_shift(batch_cell, layout.ray_shift, out=x)
+    key |= torch.arange(num_rays, device=device, dtype=index_dtype).view(1, -1, 1)
+    pair_key = _sorted_unique(_masked(key, keep))
 
     # Ring map: (cell, depth bin) keys; skip a point equal to the previous ray's at the same depth bin.
     keep = valid
     keep[:, 1:, :] &= batch_cell[:, 1:, :] != batch_cell[:, :-1, :]
-    ring_key = batch_cell * num_depth + torch.arange(num_depth, device=device, dtype=index_dtype)
-    ring_key = _sorted_unique(_masked(ring_key, keep))
-    return _join_pairs(pair_key, ring_key, batch_size, num_rays, num_depth, bev_size)
+    key = torch.bitwise_left_shift(batch_cell, layout.depth_shift, out=x)
+    key |= torch.arange(num_depth, device=device, dtype=index_dtype)
+    ring_key = _sorted_unique(_masked(key, keep))
+    return _join_pairs(pair_key, ring_key, layout, batch_size, num_rays, num_depth, bev_size)
 
 
 def sparse_from_ring_ray(ring, ray):
@@ -367,10 +415,14 @@ def sparse_from_ring_ray(ring, ray):
     batch_size, num_depth, num_cells = ring.shape
     num_rays = ray.shape[1]
     bev_size = math.isqrt(int(num_cells))
+    layout = _key_layout(batch_size, num_cells, num_rays, num_depth)
     # nonzero of (B, L2, R) / (B, L2, D) views lists the entries cell-major, as the keys require.
-    pair_key = torch.nonzero(ray.transpose(1, 2).reshape(-1)).view(-1)  # (b * L2 + c) * R + r
-    ring_key = torch.nonzero(ring.transpose(1, 2).reshape(-1)).view(-1)  # (b * L2 + c) * D + d
-    return _join_pairs(pair_key, ring_key, batch_size, num_rays, num_depth, bev_size)
+    pair_index = torch.nonzero(ray.transpose(1, 2).reshape(-1)).view(-1)  # (b * L2 + c) * R + r
+    ring_index = torch.nonzero(ring.transpose(1, 2).reshape(-1)).view(-1)  # (b * L2 + c) * D + d
+    pair_key = ((pair_index // num_rays) << layout.ray_shift) | (pair_index % num_rays)
+    ring_key = ((ring_index // num_depth) << layout.depth_shift) | (ring_index % num_depth)
+    return _join_pairs(pair_key.to(layout.dtype), ring_key.to(layout.dtype), layout, batch_size, num_rays,
+                       num_depth, bev_size)
 
 
 def ring_ray_from_sparse(sparse):
@@ -547,8 +599,8 @@ class MatrixVT(BaseLSSFPN):
 
     # -- projection matrices -------------------------------------------------------------------------------
 
-    def get_geom_cells(self, mats_dict, sweep_index=0):
-        """(B, N * W, D, 2) long BEV cells of the row-averaged frustum points of one sweep.
+    def get_geom_cells(self, mats_dict, sweep_index=0, dtype=torch.long):
+        """(B, N * W, D, 2) integer (``dtype``) BEV cells of the row-averaged frustum points of one sweep.
 
         Eager CPU / CUDA: ``frustum_cells`` (float64 row moments, no full geometry). NPU and tracing / ONNX
         export: the float32 geometry of ``get_geometry`` followed by ``geometry_to_cells`` (reference order).
@@ -557,8 +609,8 @@ class MatrixVT(BaseLSSFPN):
                 mats_dict['ida_mats'][:, sweep_index], mats_dict.get('bda_mat', None))
         if fast_cells_supported(self.frustum.device):
             return frustum_cells(self._frustum_row_features(), self.depth_channels, *mats, self.voxel_coord,
-                                 self.voxel_size)
-        return geometry_to_cells(self.get_geometry(*mats), self.voxel_coord, self.voxel_size)
+                                 self.voxel_size, out_dtype=dtype)
+        return geometry_to_cells(self.get_geometry(*mats), self.voxel_coord, self.voxel_size).to(dtype)
 
     def _frustum_row_features(self):
         """``frustum_row_features`` of the frustum buffer, recomputed only when the buffer changes (device,
@@ -598,13 +650,16 @@ class MatrixVT(BaseLSSFPN):
             if (key is not None and cached is not None and cached[1] == mode and cached[0].shape == key.shape
                     and cached[0].device == key.device and torch.equal(cached[0], key)):
                 return cached[2]
-            cells = self.get_geom_cells(mats_dict, sweep_index)
-            if mode == 'dense':
-                proj = build_ring_ray(cells, self.bev_size)
-            else:
-                proj = build_sparse_projection(cells, self.bev_size)
+            proj = self.build_projection(mats_dict, mode, sweep_index)
             self._proj_cache = (key, mode, proj) if key is not None else None
         return proj
+
+    def build_projection(self, mats_dict, mode, sweep_index=0):
+        """A fresh (uncached) projection of one sweep from the camera matrices: ``build_ring_ray`` of the long
+        cells ('dense') or ``build_sparse_projection`` of int32 cells ('sparse')."""
+        if mode == 'dense':
+            return build_ring_ray(self.get_geom_cells(mats_dict, sweep_index), self.bev_size)
+        return build_sparse_projection(self.get_geom_cells(mats_dict, sweep_index, torch.int32), self.bev_size)
 
     def _static_for_mode(self, mode):
         static = self.static_mat
