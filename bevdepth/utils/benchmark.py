@@ -296,8 +296,8 @@ def bench_ring_ray(config, batch_sizes=(1, 8), repeats=5, warmup=1, model=None):
     Timed per batch size (medians, seconds):
     ``loop_s``: the reference as written -- 7-dim broadcast geometry, steps 1-3, Python-loop steps 4-9
     (``reference_style_proj_mat``), the baseline of the target;
-    ``sparse_s`` / ``dense_s``: our production path ``MatrixVT.build_projection`` -- ``get_geom_cells`` (row-moment cells) then
-    ``build_sparse_projection`` (CPU / GPU) or ``build_ring_ray`` (NPU / ONNX);
+    ``sparse_s`` / ``dense_s``: our production path ``MatrixVT.build_projection`` -- ``get_geom_cells``
+    (row-moment cells) then ``build_sparse_projection`` (CPU / GPU) or ``build_ring_ray`` (NPU / ONNX);
     ``*_build_s``: steps 4-9 alone, every variant from the SAME cells (ours);
     ``reference_cells_s`` / ``cells_s``: geometry + steps 1-3 of the reference / ours;
     ``geometry_s``: our GEMM ``frustum_to_ego`` (what LSS uses; not needed by our MatrixVT path).
