@@ -118,10 +118,11 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
     """
 
     default_lr_schedule = 'multistep'
+    default_channels_last = False  # the reference's contiguous layout; the tiny CPU experiment turns it on
 
     def __init__(self, batch_size_per_device=8, learning_rate=DEFAULT_LR_PER_IMAGE, data_root='data/nuScenes',
                  version='v1.0-trainval', num_workers=4, default_root_dir='./outputs/', seed=0,
-                 max_bad_steps=DEFAULT_MAX_BAD_STEPS, lr_schedule=None, eval_batch_size=None,
+                 max_bad_steps=DEFAULT_MAX_BAD_STEPS, lr_schedule=None, eval_batch_size=None, channels_last=None,
                  backbone_conf=None, head_conf=None, ida_aug_conf=None, bda_aug_conf=None, img_conf=None,
                  class_names=None):
         super().__init__()
@@ -166,6 +167,9 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self.predict_output_dir = self.default_root_dir
 
         self.model = self.build_model()
+        self.channels_last = self.default_channels_last if channels_last is None else bool(channels_last)
+        if self.channels_last:  # a speed choice only: same values (up to float summation order)
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.depth_loss_fn = self.build_depth_loss()
         self.evaluator = DetNuscEvaluator(class_names=self.class_names, data_root=self.data_root,
                                           version=self.version, output_dir=self.default_root_dir)

