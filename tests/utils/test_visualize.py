@@ -152,8 +152,9 @@ def test_gt_boxes_land_on_synthetic_objects(synthetic_dataroot, tmp_path):
 
 def test_projected_gt_centres_have_the_rendered_object_colour(synthetic_dataroot):
     """The synthetic writer records each instance's BGR colour; its box faces are that colour times a shading
-    factor in [0.42, 1]. The pixel where a GT box centre projects must show that colour's hue (the object is
-    there), and not after the reference's z bug (centre lifted by h / 2, here doubled to h for a clear miss)."""
+    factor in [0.42, 1], and the front face carries a near-black panel around its centre. The pixel where a GT box
+    centre projects must show that colour's hue or the panel (the object is there), and not after the reference's
+    z bug (centre lifted by h / 2, here doubled to h for a clear miss)."""
     with open(synthetic_dataroot / 'synthetic_nuscenes.json') as f:
         colours = json.load(f)['instance_colors_bgr']
     with open(synthetic_dataroot / 'nuscenes_infos_val.pkl', 'rb') as f:
@@ -173,6 +174,8 @@ def test_projected_gt_centres_have_the_rendered_object_colour(synthetic_dataroot
 
     def matches(pixel_bgr, colour_bgr):
         a, b = np.asarray(pixel_bgr, float), np.asarray(colour_bgr, float)
+        if a.max() < 50:  # the front panel (<= 38 grey levels); ground, sky and instance colours are brighter
+            return True
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9)) > 0.985
 
     checked = hits = lifted_hits = 0
