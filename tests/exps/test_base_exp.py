@@ -32,7 +32,7 @@ def test_lr_is_per_image_times_global_batch_and_schedule_is_multistep(tiny_modul
     assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR)
     # The seed's [19, 23] in the base class; the tiny demo steps once for the last sixth of its epochs.
     assert base_exp.BEVDepthLightningModel.lr_milestones(tiny_module) == [19, 23]
-    assert sorted(scheduler.milestones) == tiny_module.lr_milestones() == [8] and scheduler.gamma == 0.1  # of 10
+    assert sorted(scheduler.milestones) == tiny_module.lr_milestones() == [10] and scheduler.gamma == 0.1  # of 12
     # Every network parameter is optimised.
     assert sum(p.numel() for p in optimizer.param_groups[0]['params']) == \
         sum(p.numel() for p in tiny_module.model.parameters())
