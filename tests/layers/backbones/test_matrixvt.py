@@ -17,6 +17,10 @@ from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, buil
                                                 cells_to_flat_index, geometry_to_cells, project_dense,
                                                 project_sparse, resolve_projection, ring_ray_from_sparse,
                                                 sparse_from_ring_ray)
+# The reference algorithm (spec C.4) written independently of the code under test: its 7-dim geometry, steps 1-3
+# and the Python loops of steps 4-9, as the benchmark's baseline runs them.
+from bevdepth.utils.benchmark import (reference_cells, reference_loop_from_cells,
+                                      reference_style_geometry as reference_geometry)
 
 SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[3].parent / 'shared' / 'spec' / 'matrixvt_state_dict.txt'
 
@@ -149,50 +153,6 @@ def setting_geometry(name):
     return frustum, voxel_coord, voxel_size, bev_size
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Loop implementation of the reference algorithm (spec C.4), written independently of the code under test.
-# ------------------------------------------------------------------------------------------------------------
-
-def reference_geometry(frustum, sensor2ego, intrin, ida, bda):
-    """7-dim broadcasting exactly like the reference get_geometry."""
-    batch_size, num_cams = sensor2ego.shape[:2]
-    points = ida.view(batch_size, num_cams, 1, 1, 1, 4, 4).inverse().matmul(frustum.unsqueeze(-1))
-    points = torch.cat((points[:, :, :, :, :, :2] * points[:, :, :, :, :, 2:3], points[:, :, :, :, :, 2:]), 5)
-    combine = sensor2ego.matmul(torch.inverse(intrin))
-    points = combine.view(batch_size, num_cams, 1, 1, 1, 4, 4).matmul(points)
-    bda = bda.unsqueeze(1).repeat(1, num_cams, 1, 1).view(batch_size, num_cams, 1, 1, 1, 4, 4)
-    return (bda @ points).squeeze(-1)[..., :3]
-
-
-def reference_cells(geom, voxel_coord, voxel_size):
-    geom = (geom - (voxel_coord - voxel_size / 2.0)) / voxel_size
-    geom = geom.mean(3).permute(0, 1, 3, 2, 4).contiguous()
-    batch_size, num_cams, width, depth, _ = geom.shape
-    return geom.long().view(batch_size, num_cams * width, depth, -1)[..., :2]
-
-
-def reference_ring_ray(cells, bev_size):
-    """Per batch, per ray / per depth non-accumulating indexed writes, null column zeroed, max-normalised."""
-    cells = cells.clone()
-    batch_size, num_rays, num_depth, _ = cells.shape
-    invalid = (cells < 0).any(-1) | (cells > bev_size - 1).any(-1)
-    cells[invalid] = int(bev_size / 2)
-    idx = cells[..., 1] * bev_size + cells[..., 0]
-    ring = torch.zeros(batch_size, num_depth, bev_size * bev_size)
-    ray = torch.zeros(batch_size, num_rays, bev_size * bev_size)
-    for b in range(batch_size):
-        for r in range(num_rays):
-            ray[b, r, idx[b, r]] += 1
-        for d in range(num_depth):
-            ring[b, d, idx[b, :, d]] += 1
-    null_point = int((bev_size / 2) * (bev_size + 1))
-    ring[..., null_point] = 0
-    ray[..., null_point] = 0
-    ring /= ring.max(1)[0].clip(min=1)[:, None]
-    ray /= ray.max(1)[0].clip(min=1)[:, None]
-    return ring, ray
-
-
 def cells_for(name, rig, seed, batch_size=2, augment=True):
     frustum, voxel_coord, voxel_size, bev_size = setting_geometry(name)
     mats = make_mats(rig, SETTINGS[name]['ida'], batch_size=batch_size, seed=seed, augment=augment)
@@ -223,7 +183,7 @@ def test_geometry_and_cells_match_reference_formula(name, rig):
 @pytest.mark.parametrize('augment', [True, False])
 def test_ring_ray_identical_to_loop_reference(name, augment, rig):
     _, _, cells, bev_size = cells_for(name, rig, seed=3 if augment else 0, augment=augment)
-    ref_ring, ref_ray = reference_ring_ray(cells, bev_size)
+    ref_ring, ref_ray = reference_loop_from_cells(cells, bev_size)
     assert set(ref_ring.unique().tolist()) == {0.0, 1.0} and set(ref_ray.unique().tolist()) == {0.0, 1.0}
     assert ref_ray.sum() > 1000  # realistic, non-trivial coverage
     ring, ray = build_ring_ray(cells, bev_size)
