@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bevdepth.deploy.errors import DeployError  # noqa: E402
+from bevdepth.utils.benchmark import measure_interleaved  # noqa: E402
 from bevdepth.deploy import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, build_experiment, dcn_mode,  # noqa: E402
                              calibrate_heatmap_bias, create_session, decode_outputs, export_onnx, load_model_weights,
                              randomise_for_parity, run_session)
@@ -107,20 +108,6 @@ def compare_decoded(model, onnx_outputs, output_names, torch_preds, img_metas):
         max_score_diff=float(np.abs(onnx_scores - torch_scores).max()) if same_count and len(onnx_scores) else None)
 
 
-def median_latencies(fns, runs, warmup=2):
-    """Median wall time (s) of each ``fns[name]()`` over ``runs`` interleaved calls after ``warmup`` calls each."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values)) for name, values in times.items()}
-
-
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,8 +148,10 @@ def run(args):
     latencies = None
     if args.benchmark > 0:
         with torch.no_grad():
-            latencies = median_latencies(dict(onnxruntime=lambda: run_session(session, imgs, mats_dict),
-                                              pytorch=lambda: model(imgs, mats_dict)), args.benchmark)  # CPU default
+            timings = measure_interleaved(dict(onnxruntime=lambda: run_session(session, imgs, mats_dict),
+                                               pytorch=lambda: model(imgs, mats_dict)), args.benchmark,
+                                          warmup=2)  # PyTorch with its CPU default DCN
+            latencies = {name: timing['median_s'] for name, timing in timings.items()}
         print(f'CPU latency per sample (median of {args.benchmark}, torch threads {torch.get_num_threads()}, '
               f'onnxruntime threads {args.threads or "default"}): onnxruntime '
               f'{1000 * latencies["onnxruntime"]:.0f} ms, PyTorch {1000 * latencies["pytorch"]:.0f} ms')
