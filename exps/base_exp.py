@@ -167,8 +167,8 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self.predict_output_dir = self.default_root_dir
 
         self.model = self.build_model()
-        self.channels_last = self.default_channels_last if channels_last is None else bool(channels_last)
-        if self.channels_last:  # a speed choice only: same values (up to float summation order)
+        use_channels_last = self.default_channels_last if channels_last is None else bool(channels_last)
+        if use_channels_last:  # a speed choice only: same values (up to float summation order)
             self.model = self.model.to(memory_format=torch.channels_last)
         self.depth_loss_fn = self.build_depth_loss()
         self.evaluator = DetNuscEvaluator(class_names=self.class_names, data_root=self.data_root,
