@@ -95,3 +95,16 @@ def test_reference_loop_matches_hand_computed_cells():
     assert ray[0, 0].nonzero().view(-1).tolist() == [0]  # ray 0 hits cell 0 twice: binary, not 2
     assert ray[0, 0, 0] == 1
     assert ray[0, 1].nonzero().view(-1).tolist() == [9]
+
+
+def test_measure_interleaved_times_warm_runs():
+    from bevdepth.utils.benchmark import measure_interleaved
+    calls = []
+    times = measure_interleaved(dict(short=lambda: calls.append('short'), long=lambda: calls.append('long')),
+                                repeats=3, warmup=1, rewarm_below_s=1.0)
+    # warm-up round, then every timed run right after an untimed one of the same callable
+    assert calls == ['short', 'long'] + ['short', 'short', 'long', 'long'] * 3
+    assert all(len(value['runs_s']) == 3 for value in times.values())
+    calls.clear()
+    measure_interleaved(dict(a=lambda: calls.append('a')), repeats=2, warmup=1, rewarm_below_s=0.0)
+    assert calls == ['a'] * 3  # callables slower than rewarm_below_s are their own warm-up

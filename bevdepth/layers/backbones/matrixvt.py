@@ -128,6 +128,7 @@ class SparseProjection(NamedTuple):
         (grouped by pair, d ascending).
     triple_depth (T,): flat depth index (b * R + r) * D + d of that triple.
     cell_crow (B * L2 + 1,): CSR row pointers of the pairs over the cells (``None`` = recomputed when needed).
+    Index dtype: int32 whenever every index fits (``_key_layout``; CSR products and gathers accept it), else int64.
     """
     pair_row: torch.Tensor
     pair_cell: torch.Tensor
@@ -272,29 +273,35 @@ def _masked(values, mask):
     return torch.masked_select(values, mask)
 
 
-def _sorted_unique(keys):
-    """Sorted distinct values of a 1-D integer tensor (sort + neighbour comparison).
+def _sorted_unique_kept(keys, keep):
+    """Sorted distinct values of ``keys[keep]`` (1-D). ``keys``: a contiguous buffer the caller owns, overwritten
+    (the result may be a view of it).
 
-    On CPU the sort is NumPy's (SIMD quicksort: ~3x faster than ``torch.sort`` on int32 keys); elsewhere
-    ``torch.sort``. Values only (no permutation): the keys encode everything the caller needs.
+    On CPU the dropped entries are set to the dtype's maximum (above every packed key) and the whole buffer is
+    sorted in place by NumPy's SIMD quicksort, so the kept keys come first: cheaper than compacting first
+    (NumPy's boolean compaction costs as much as the sort it saves). Elsewhere masked_select + ``torch.sort``.
+    Values only (no permutation): the keys encode everything the caller needs.
     """
     if keys.device.type == 'cpu':
-        keys = torch.from_numpy(numpy.sort(keys.numpy()))
+        num_kept = int(numpy.count_nonzero(keep.numpy()))
+        keys.masked_fill_(~keep, torch.iinfo(keys.dtype).max)
+        keys = keys.view(-1)
+        keys.numpy().sort()
+        keys = keys[:num_kept]
     else:
-        keys = torch.sort(keys).values
+        keys = torch.sort(torch.masked_select(keys, keep)).values
     if keys.numel() < 2:
         return keys
-    keep = torch.ones_like(keys, dtype=torch.bool)
-    torch.ne(keys[1:], keys[:-1], out=keep[1:])
-    if bool(keep.all()):  # the common case for the ray pairs (a ray never returns to a cell it left)
+    distinct = torch.ne(keys[1:], keys[:-1])
+    if bool(distinct.all()):  # the common case for the ray pairs (a ray never returns to a cell it left)
         return keys
-    return _masked(keys, keep)
+    return _masked(keys, torch.cat([distinct.new_ones(1), distinct]))
 
 
-def _csr_rows(index, num_rows):
-    """CSR row pointers (num_rows + 1,) long of a sorted row index (int32 or int64)."""
-    crow = torch.zeros(num_rows + 1, dtype=torch.long, device=index.device)
-    torch.cumsum(torch.bincount(index, minlength=num_rows), 0, out=crow[1:])
+def _csr_rows(index, num_rows, dtype=torch.long):
+    """CSR row pointers (num_rows + 1,) of a sorted row index (int32 or int64), in ``dtype``."""
+    crow = torch.zeros(num_rows + 1, dtype=dtype, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=num_rows), 0, dtype=dtype, out=crow[1:])
     return crow
 
 
@@ -308,7 +315,8 @@ def _floor_div(values, divisor):
 
 class _KeyLayout(NamedTuple):
     """Packed sort keys (b * L2 + c) << shift | low, low = ray r (pairs) or depth bin d (ring): sorting them orders
-    the entries cell-major, and unpacking is a shift and a mask instead of integer divisions."""
+    the entries cell-major, and unpacking is a shift and a mask instead of integer divisions. ``dtype`` is int32
+    when the keys and every flat index of the result ((b * R + r) * D + d among them) fit, else int64."""
     dtype: torch.dtype
     ray_shift: int
     depth_shift: int
@@ -316,53 +324,59 @@ class _KeyLayout(NamedTuple):
 
 def _key_layout(batch_size, num_cells, num_rays, num_depth):
     ray_shift, depth_shift = (num_rays - 1).bit_length(), (num_depth - 1).bit_length()
-    fits_int32 = (batch_size * num_cells) << max(ray_shift, depth_shift) < 2 ** 31
+    fits_int32 = max((batch_size * num_cells) << max(ray_shift, depth_shift), batch_size * num_rays * num_depth,
+                     batch_size * num_cells + 1) < 2 ** 31
     return _KeyLayout(torch.int32 if fits_int32 else torch.int64, ray_shift, depth_shift)
 
 
 def _join_pairs(pair_key, ring_key, layout, batch_size, num_rays, num_depth, bev_size):
-    """Sparse structure from sorted distinct packed keys (``_KeyLayout``): the ray map's non-zeros (cell, r) and the
-    ring map's non-zeros (cell, d), both cell-major.
+    """Sparse structure from sorted distinct packed keys (``_KeyLayout``, consumed: updated in place): the ray
+    map's non-zeros (cell, r) and the ring map's non-zeros (cell, d), both cell-major.
 
-    Written for CPU memory traffic: int32 arithmetic while it fits, index_select gathers (several times faster
-    than advanced indexing), in-place updates and cumulative sums instead of fresh (T,) temporaries (every fresh
-    multi-MB buffer costs page faults, which dominated this function).
+    Written for CPU memory traffic: every index in ``layout.dtype`` (int32 whenever it fits: half the bytes of
+    int64), index_select gathers (several times faster than advanced indexing), in-place updates and cumulative
+    sums instead of fresh temporaries (every fresh multi-MB buffer costs page faults, which dominated this
+    function).
     """
     num_cells = bev_size * bev_size
     device = pair_key.device
+    index_dtype = layout.dtype
     pair_cell = pair_key >> layout.ray_shift  # b * L2 + c
-    pair_row = _floor_div(pair_cell, num_cells).mul_(num_rays).add_(pair_key & ((1 << layout.ray_shift) - 1))
-    pair_row = pair_row.long()
+    pair_row = _floor_div(pair_cell, num_cells).mul_(num_rays)
+    pair_row += pair_key.bitwise_and_((1 << layout.ray_shift) - 1)  # b * R + r
     ring_cell = ring_key >> layout.depth_shift
-    ring_d = (ring_key & ((1 << layout.depth_shift) - 1)).long()
+    ring_d = ring_key.bitwise_and_((1 << layout.depth_shift) - 1)
 
     # Ring entries are sorted by cell: each cell's entries are one run [start, start + count) of the list. Every
     # pair's cell holds at least the pair's own (ray, bin) point, so count >= 1.
-    ring_count = torch.bincount(ring_cell, minlength=batch_size * num_cells)
-    ring_start = torch.cumsum(ring_count, 0).sub_(ring_count)
-    count = ring_count.index_select(0, pair_cell)
-    first_triple = torch.cumsum(count, 0)
+    ring_crow = _csr_rows(ring_cell, batch_size * num_cells, index_dtype)
+    start = ring_crow.index_select(0, pair_cell)
+    count = ring_crow[1:].index_select(0, pair_cell).sub_(start)
+    first_triple = torch.cumsum(count, 0, dtype=torch.long)  # int64: the total may not fit int32
     num_triples = int(first_triple[-1]) if count.numel() else 0
-    first_triple -= count
-    start = ring_start.index_select(0, pair_cell)
+    triple_dtype = index_dtype if num_triples < 2 ** 31 else torch.long
+    first_triple -= count  # int64: index_fill_ / index_copy_ take int64 indices only
     # Triples of pair p are first_triple[p] + j, j < count[p], with ring entries start[p] + j: both indices are
     # cumulative sums of steps that are 1 except where a new pair begins.
-    triple_pair = torch.zeros(num_triples, dtype=torch.long, device=device)
+    triple_pair = torch.zeros(num_triples, dtype=triple_dtype, device=device)
     triple_pair.index_fill_(0, first_triple[1:], 1)
     torch.cumsum(triple_pair, 0, out=triple_pair)
-    triple_ring = torch.ones(num_triples, dtype=torch.long, device=device)
+    triple_ring = torch.ones(num_triples, dtype=triple_dtype, device=device)
     if num_triples:
+        # from the previous pair's last ring entry to this pair's first: start[p] - start[p-1] - count[p-1] + 1
         jumps = start.clone()
-        jumps[1:] -= start[:-1] + count[:-1] - 1  # from the previous pair's last ring entry to this pair's first
-        triple_ring.index_copy_(0, first_triple, jumps)
+        jumps[1:] -= start[:-1]
+        jumps[1:] -= count[:-1]
+        jumps[1:] += 1
+        triple_ring.index_copy_(0, first_triple, jumps.to(triple_dtype))
         torch.cumsum(triple_ring, 0, out=triple_ring)
-    triple_depth = (pair_row * num_depth).index_select(0, triple_pair)
+    triple_depth = (pair_row * num_depth).to(triple_dtype).index_select(0, triple_pair)
     triple_depth += ring_d.index_select(0, triple_ring)
-    return SparseProjection(pair_row, pair_cell.long(), triple_pair, triple_depth, batch_size, num_rays, num_depth,
-                            bev_size, _csr_rows(pair_cell, batch_size * num_cells))
+    return SparseProjection(pair_row, pair_cell, triple_pair, triple_depth, batch_size, num_rays, num_depth,
+                            bev_size, _csr_rows(pair_cell, batch_size * num_cells, index_dtype))
 
 
-def build_sparse_projection(cells, bev_size):
+def build_sparse_projection(cells, bev_size, cells_writable=False):
     """Sparse projection structure straight from (B, R, D, 2) integer cells (never builds the dense matrices).
 
     Same validity / null-cell rules as ``cells_to_flat_index``. Keys are packed int32 whenever they fit (half the
@@ -370,16 +384,20 @@ def build_sparse_projection(cells, bev_size):
     a ray, neighbouring rays at one depth bin), so exact neighbour duplicates are dropped before the global
     sort + dedup: same result, ~35 % fewer keys to sort. (A ray's row-averaged points lie on a straight line,
     so its cells never repeat after this step and the pair dedup finds nothing to drop.)
+
+    ``cells_writable=True``: the x / y planes of ``cells`` may be overwritten (``MatrixVT.build_projection`` passes
+    its fresh int32 cells: two fewer copies).
     """
     batch_size, num_rays, num_depth, _ = cells.shape
     num_cells = bev_size * bev_size
     device = cells.device
     layout = _key_layout(batch_size, num_cells, num_rays, num_depth)
     index_dtype = layout.dtype
-    # Fresh copies: updated in place below (cells may be an int32 view already).
-    x, y = cells[..., 0].to(index_dtype, copy=True), cells[..., 1].to(index_dtype, copy=True)
+    x, y = cells[..., 0], cells[..., 1]
+    if not (cells_writable and x.dtype == index_dtype and x.is_contiguous() and y.is_contiguous()):
+        x, y = x.to(index_dtype, copy=True), y.to(index_dtype, copy=True)  # updated in place below
     if bev_size & (bev_size - 1) == 0:  # 0 <= x, y < L  <=>  no bit of x | y at or above L (sign bit included)
-        valid = ((x | y) & ~(bev_size - 1)) == 0
+        valid = torch.bitwise_or(x, y).bitwise_and_(~(bev_size - 1)) == 0
     else:
         valid = (torch.minimum(x, y) >= 0) & (torch.maximum(x, y) <= bev_size - 1)
     batch_cell = y.mul_(bev_size).add_(x)  # flat cell y * L + x
@@ -396,14 +414,14 @@ def build_sparse_projection(cells, bev_size):
     keep[:, :, 1:] &= batch_cell[:, :, 1:] != batch_cell[:, :, :-1]
     key = torch.bitwise_left_shift(batch_cell, layout.ray_shift, out=x)
     key |= torch.arange(num_rays, device=device, dtype=index_dtype).view(1, -1, 1)
-    pair_key = _sorted_unique(_masked(key, keep))
+    pair_key = _sorted_unique_kept(key, keep)  # a view of x
 
     # Ring map: (cell, depth bin) keys; skip a point equal to the previous ray's at the same depth bin.
     keep = valid
     keep[:, 1:, :] &= batch_cell[:, 1:, :] != batch_cell[:, :-1, :]
-    key = torch.bitwise_left_shift(batch_cell, layout.depth_shift, out=x)
+    key = batch_cell.bitwise_left_shift_(layout.depth_shift)  # in y: x holds the pair keys
     key |= torch.arange(num_depth, device=device, dtype=index_dtype)
-    ring_key = _sorted_unique(_masked(key, keep))
+    ring_key = _sorted_unique_kept(key, keep)
     return _join_pairs(pair_key, ring_key, layout, batch_size, num_rays, num_depth, bev_size)
 
 
@@ -431,11 +449,12 @@ def ring_ray_from_sparse(sparse):
     num_cells = sparse.bev_size * sparse.bev_size
     device = sparse.pair_row.device
     ray = torch.zeros(batch_size * num_rays * num_cells, device=device)
-    ray[sparse.pair_row * num_cells + sparse.pair_cell % num_cells] = 1.0
+    pair_row, pair_cell = sparse.pair_row.long(), sparse.pair_cell.long()  # flat dense indices need int64
+    ray[pair_row * num_cells + pair_cell % num_cells] = 1.0
     ring = torch.zeros(batch_size * num_depth * num_cells, device=device)
-    triple_cell = sparse.pair_cell[sparse.triple_pair]
+    triple_cell = pair_cell[sparse.triple_pair]
     triple_b = triple_cell // num_cells
-    triple_d = sparse.triple_depth % num_depth
+    triple_d = sparse.triple_depth.long() % num_depth
     ring[(triple_b * num_depth + triple_d) * num_cells + triple_cell % num_cells] = 1.0
     return ring.view(batch_size, num_depth, num_cells), ray.view(batch_size, num_rays, num_cells)
 
@@ -475,7 +494,8 @@ class _CellProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat, pair_weight, sparse):
         num_cells = sparse.batch_size * sparse.bev_size * sparse.bev_size
-        crow = sparse.cell_crow if sparse.cell_crow is not None else _csr_rows(sparse.pair_cell, num_cells)
+        crow = (sparse.cell_crow if sparse.cell_crow is not None
+                else _csr_rows(sparse.pair_cell, num_cells, sparse.pair_row.dtype))
         matrix = _csr(crow, sparse.pair_row, pair_weight, (num_cells, feat.shape[0]))
         ctx.save_for_backward(feat, pair_weight)
         ctx.sparse, ctx.crow = sparse, crow
@@ -491,7 +511,7 @@ class _CellProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # W^T in CSR over rays: the pairs re-ordered by ray (stable, so cells stay ascending per ray).
             order = torch.argsort(sparse.pair_row, stable=True)
-            transposed = _csr(_csr_rows(sparse.pair_row[order], num_rows), sparse.pair_cell[order],
+            transposed = _csr(_csr_rows(sparse.pair_row[order], num_rows, sparse.pair_cell.dtype), sparse.pair_cell[order],
                               pair_weight[order], (num_rows, num_cells))
             grad_feat = torch.sparse.mm(transposed, grad_bev)
         if ctx.needs_input_grad[1]:
@@ -659,7 +679,8 @@ class MatrixVT(BaseLSSFPN):
         cells ('dense') or ``build_sparse_projection`` of int32 cells ('sparse')."""
         if mode == 'dense':
             return build_ring_ray(self.get_geom_cells(mats_dict, sweep_index), self.bev_size)
-        return build_sparse_projection(self.get_geom_cells(mats_dict, sweep_index, torch.int32), self.bev_size)
+        return build_sparse_projection(self.get_geom_cells(mats_dict, sweep_index, torch.int32), self.bev_size,
+                                       cells_writable=True)
 
     def _static_for_mode(self, mode):
         static = self.static_mat

@@ -511,3 +511,33 @@ def test_sparse_pairs_are_cell_major_and_csr_consistent(rig):
     assert bool((key[1:] > key[:-1]).all())  # strictly increasing: sorted and without duplicates
     counts = torch.bincount(sparse.pair_cell, minlength=sparse.batch_size * bev_size * bev_size)
     assert torch.equal(sparse.cell_crow[1:] - sparse.cell_crow[:-1], counts)
+
+
+def test_sparse_build_int64_indices_equal_int32(rig, monkeypatch):
+    # Batches too large for int32 keys take int64 indices; force that layout on a small batch and compare.
+    import bevdepth.layers.backbones.matrixvt as matrixvt_module
+    _, _, cells, bev_size = cells_for('tiny', rig, seed=7)
+    narrow = build_sparse_projection(cells, bev_size)
+    assert narrow.pair_row.dtype == torch.int32 and narrow.triple_depth.dtype == torch.int32
+    real_layout = matrixvt_module._key_layout
+    monkeypatch.setattr(matrixvt_module, '_key_layout',
+                        lambda *args: real_layout(*args)._replace(dtype=torch.int64))
+    wide = build_sparse_projection(cells, bev_size)
+    assert wide.pair_row.dtype == torch.int64 and wide.triple_depth.dtype == torch.int64
+    for name in ('pair_row', 'pair_cell', 'triple_pair', 'triple_depth', 'cell_crow'):
+        assert torch.equal(getattr(wide, name), getattr(narrow, name).long()), name
+    feat, depth = torch.randn(2, cells.shape[1], 5), torch.rand(2, cells.shape[1], cells.shape[2])
+    torch.testing.assert_close(project_sparse(feat, depth, wide), project_sparse(feat, depth, narrow))
+
+
+def test_sparse_build_leaves_cells_alone_unless_writable(rig):
+    _, _, cells, bev_size = cells_for('tiny', rig, seed=8)
+    cells32 = cells.to(torch.int32)
+    before = cells32.clone()
+    expected = build_sparse_projection(cells32, bev_size)
+    assert torch.equal(cells32, before)
+    planes = cells32.permute(3, 0, 1, 2).contiguous()  # x / y planes, the layout get_geom_cells returns
+    writable = build_sparse_projection(planes.permute(1, 2, 3, 0), bev_size, cells_writable=True)
+    assert not torch.equal(planes.permute(1, 2, 3, 0), before)  # overwritten, as allowed
+    for name in ('pair_row', 'pair_cell', 'triple_pair', 'triple_depth', 'cell_crow'):
+        assert torch.equal(getattr(writable, name), getattr(expected, name)), name
