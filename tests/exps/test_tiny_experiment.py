@@ -110,3 +110,17 @@ def test_checkpoint_of_another_architecture_stops_with_one_line(synthetic_dataro
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith('error: checkpoint') and 'does not fit MatrixVTTinyExp' in last_line
     assert "unexpected keys ['model.backbone.x']" in last_line
+
+
+@pytest.mark.parametrize('bev_cell, bev_size', [(1.6, 64), (0.8, 128)])
+def test_bev_cell_changes_the_view_transform_grid_not_the_head_grid(bev_cell, bev_size):
+    sys.path.insert(0, REPO_ROOT)
+    from exps.nuscenes.tiny.matrixvt_tiny_synthetic import MatrixVTTinyExp
+    exp = MatrixVTTinyExp(bev_cell=bev_cell)
+    assert exp.model.backbone.bev_size == bev_size
+    head = exp.model.head.eval()
+    with torch.no_grad():
+        task_outputs = head(torch.randn(1, exp.backbone_conf['output_channels'], bev_size, bev_size))
+    assert task_outputs[0][0]['heatmap'].shape[-2:] == (64, 64)  # the 1.6 m target grid of tiny.head_conf
+    with pytest.raises(ValueError, match='--bev_cell must be one of'):
+        MatrixVTTinyExp(bev_cell=0.4)
