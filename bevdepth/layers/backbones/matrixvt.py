@@ -273,6 +273,15 @@ def _masked(values, mask):
     return torch.masked_select(values, mask)
 
 
+def _fill_dropped_(values, keep, fill):
+    """values[~keep] = fill, in place, for an integer tensor: as bit masks (keep -> 0 / -1 words), ~8x faster than
+    ``masked_fill_`` / ``torch.where`` with a bool mask on CPU (measured 0.12 vs 1.0 ms for 236k int32)."""
+    drop_bits = keep.to(values.dtype).sub_(1)  # 0 where kept, all bits set where dropped
+    values.bitwise_and_(drop_bits.bitwise_not())
+    values.bitwise_or_(drop_bits.bitwise_and_(fill))
+    return values
+
+
 def _sorted_unique_kept(keys, keep):
     """Sorted distinct values of ``keys[keep]`` (1-D). ``keys``: a contiguous buffer the caller owns, overwritten
     (the result may be a view of it).
@@ -284,7 +293,7 @@ def _sorted_unique_kept(keys, keep):
     """
     if keys.device.type == 'cpu':
         num_kept = int(numpy.count_nonzero(keep.numpy()))
-        keys.masked_fill_(~keep, torch.iinfo(keys.dtype).max)
+        _fill_dropped_(keys, keep, torch.iinfo(keys.dtype).max)
         keys = keys.view(-1)
         keys.numpy().sort()
         keys = keys[:num_kept]
@@ -407,7 +416,7 @@ def build_sparse_projection(cells, bev_size, cells_writable=False):
     # neighbour's (x = -1 wraps to the previous row), and must not make the neighbour look like a duplicate.
     batch_cell += torch.arange(0, batch_size * num_cells, num_cells, device=device,
                                dtype=index_dtype).view(batch_size, 1, 1)
-    batch_cell.masked_fill_(~valid, -1)
+    _fill_dropped_(batch_cell, valid, -1)
 
     # Ray map: (cell, ray) keys; skip a point equal to the previous depth bin's of the same ray.
     keep = valid.clone()
