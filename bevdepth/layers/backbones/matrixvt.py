@@ -364,11 +364,12 @@ def _join_pairs(pair_key, ring_key, layout, batch_size, num_rays, num_depth, bev
     first_triple = torch.cumsum(count, 0, dtype=torch.long)  # int64: the total may not fit int32
     num_triples = int(first_triple[-1]) if count.numel() else 0
     triple_dtype = index_dtype if num_triples < 2 ** 31 else torch.long
-    first_triple -= count  # int64: index_fill_ / index_copy_ take int64 indices only
+    first_triple -= count  # int64: scatter_ takes int64 indices only
     # Triples of pair p are first_triple[p] + j, j < count[p], with ring entries start[p] + j: both indices are
     # cumulative sums of steps that are 1 except where a new pair begins.
     triple_pair = torch.zeros(num_triples, dtype=triple_dtype, device=device)
-    triple_pair.index_fill_(0, first_triple[1:], 1)
+    # scatter_ of a source tensor: ~2x faster than index_fill_ / index_copy_ on CPU (the indices are distinct)
+    triple_pair.scatter_(0, first_triple[1:], torch.ones_like(count[1:], dtype=triple_dtype))
     torch.cumsum(triple_pair, 0, out=triple_pair)
     triple_ring = torch.ones(num_triples, dtype=triple_dtype, device=device)
     if num_triples:
@@ -377,7 +378,7 @@ def _join_pairs(pair_key, ring_key, layout, batch_size, num_rays, num_depth, bev
         jumps[1:] -= start[:-1]
         jumps[1:] -= count[:-1]
         jumps[1:] += 1
-        triple_ring.index_copy_(0, first_triple, jumps.to(triple_dtype))
+        triple_ring.scatter_(0, first_triple, jumps.to(triple_dtype))
         torch.cumsum(triple_ring, 0, out=triple_ring)
     triple_depth = (pair_row * num_depth).to(triple_dtype).index_select(0, triple_pair)
     triple_depth += ring_d.index_select(0, triple_ring)
