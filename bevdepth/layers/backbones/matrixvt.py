@@ -391,9 +391,10 @@ def build_sparse_projection(cells, bev_size, cells_writable=False):
 
     Same validity / null-cell rules as ``cells_to_flat_index``. Keys are packed int32 whenever they fit (half the
     memory traffic of int64, faster sorts). Neighbouring points usually share a cell (consecutive depth bins of
-    a ray, neighbouring rays at one depth bin), so exact neighbour duplicates are dropped before the global
-    sort + dedup: same result, ~35 % fewer keys to sort. (A ray's row-averaged points lie on a straight line,
-    so its cells never repeat after this step and the pair dedup finds nothing to drop.)
+    a ray, neighbouring rays at one depth bin), so exact neighbour duplicates are dropped (~35 % of the points)
+    before the global sort + dedup: same result, and the dedup has little or nothing left to compact. (A ray's
+    row-averaged points lie on a straight line, so its cells never repeat after this step and the pair dedup
+    finds nothing to drop.)
 
     ``cells_writable=True``: the x / y planes of ``cells`` may be overwritten (``MatrixVT.build_projection`` passes
     its fresh int32 cells: two fewer copies).
@@ -521,8 +522,8 @@ class _CellProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # W^T in CSR over rays: the pairs re-ordered by ray (stable, so cells stay ascending per ray).
             order = torch.argsort(sparse.pair_row, stable=True)
-            transposed = _csr(_csr_rows(sparse.pair_row[order], num_rows, sparse.pair_cell.dtype), sparse.pair_cell[order],
-                              pair_weight[order], (num_rows, num_cells))
+            row_crow = _csr_rows(sparse.pair_row[order], num_rows, sparse.pair_cell.dtype)
+            transposed = _csr(row_crow, sparse.pair_cell[order], pair_weight[order], (num_rows, num_cells))
             grad_feat = torch.sparse.mm(transposed, grad_bev)
         if ctx.needs_input_grad[1]:
             pattern = _csr(crow, sparse.pair_row, pair_weight.detach(), (num_cells, num_rows))
