@@ -497,6 +497,15 @@ def _csr(crow, col, values, size):
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
+SPARSE_DTYPES = (torch.float32, torch.float64)  # dtypes of the CSR sparse-dense products
+
+
+def _no_autocast(tensor):
+    """Context without autocast on ``tensor``'s device: the CSR products must run in the inputs' own dtype
+    (autocast is still on during backward when ``loss.backward()`` is called inside the autocast block)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 class _CellProjection(torch.autograd.Function):
     """bev (B * L2, C) = W @ feat (B * R, C) for the sparse (B * L2, B * R) matrix W whose non-zeros are the
     pairs (CSR over cells) with values ``pair_weight``; one sparse-dense product forward, and backward
@@ -510,13 +519,20 @@ class _CellProjection(torch.autograd.Function):
         matrix = _csr(crow, sparse.pair_row, pair_weight, (num_cells, feat.shape[0]))
         ctx.save_for_backward(feat, pair_weight)
         ctx.sparse, ctx.crow = sparse, crow
-        return torch.sparse.mm(matrix, feat)
+        with _no_autocast(feat):
+            return torch.sparse.mm(matrix, feat)
 
     @staticmethod
     def backward(ctx, grad_bev):
         feat, pair_weight = ctx.saved_tensors
+        # Under autocast the BEV map's consumer may run in bf16 / fp16; the gradient must match our inputs' dtype.
+        grad_bev = grad_bev.to(feat.dtype).contiguous()
+        with _no_autocast(feat):
+            return _CellProjection._backward(ctx, feat, pair_weight, grad_bev)
+
+    @staticmethod
+    def _backward(ctx, feat, pair_weight, grad_bev):
         sparse, crow = ctx.sparse, ctx.crow
-        grad_bev = grad_bev.contiguous()
         grad_feat = grad_weight = None
         num_cells, num_rows = grad_bev.shape[0], feat.shape[0]
         if ctx.needs_input_grad[0]:
@@ -548,6 +564,10 @@ def project_sparse(feat_prime, depth_prime, sparse):
         raise ValueError(f'project_sparse: inputs are (B, R, D) = {(batch_size, num_rays, depth_prime.shape[2])} '
                          f'but the projection was built for '
                          f'{(sparse.batch_size, sparse.num_rays, sparse.depth_channels)}')
+    if feat_prime.dtype not in SPARSE_DTYPES or depth_prime.dtype not in SPARSE_DTYPES:
+        # Under bf16 / fp16 autocast: MKL / cuSPARSE CSR products are float32 / float64 only; splat in float32
+        # (the BEV map stays float32; autocast casts it again for the convolutions that follow).
+        feat_prime, depth_prime = feat_prime.float(), depth_prime.float()
     depth_vals = depth_prime.reshape(-1).index_select(0, sparse.triple_depth)
     pair_weight = depth_prime.new_zeros(sparse.pair_row.numel()).index_add(0, sparse.triple_pair, depth_vals)
     bev = _CellProjection.apply(feat_prime.reshape(-1, num_channels), pair_weight, sparse)  # (B * L2, C)

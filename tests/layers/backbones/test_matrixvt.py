@@ -309,6 +309,30 @@ def test_sparse_equals_dense_values_and_gradients(name, rig):
         _rel_close(sparse_t, dense_t)
 
 
+def test_sparse_projection_under_bf16_autocast(rig):
+    """--precision bf16: bf16 inputs and a bf16 consumer of the BEV map (the CSR products are float32 only);
+    backward runs inside the autocast block as Lightning does. Same result as float32 within bf16 rounding."""
+    _, _, cells, bev_size = cells_for('tiny', rig, seed=7)
+    batch_size, num_rays, num_depth, _ = cells.shape
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn(batch_size, num_rays, 8, generator=gen)
+    depth = torch.randn(batch_size, num_rays, num_depth, generator=gen).softmax(-1)
+    conv = torch.nn.Conv2d(8, 4, 1)
+    sparse = build_sparse_projection(cells, bev_size)
+
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        f = feat.to(dtype, copy=True).requires_grad_(True)
+        d = depth.to(dtype, copy=True).requires_grad_(True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = conv(project_sparse(f, d, sparse))
+            out.float().square().sum().backward()
+        assert f.grad.dtype == dtype and d.grad.dtype == dtype
+        results[dtype] = (out.detach().float(), f.grad.float(), d.grad.float())
+    for low, high in zip(results[torch.bfloat16], results[torch.float32]):
+        _rel_close(low, high, rel=3e-2)
+
+
 def test_resolve_projection():
     assert resolve_projection('auto', 'cpu') == 'sparse'
     assert resolve_projection('auto', 'npu') == 'dense'
