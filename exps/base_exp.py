@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from bevdepth.callbacks.nonfinite_guard import DEFAULT_MAX_BAD_STEPS, NonFiniteLossGuard, SkipOptimizerStepMixin
 from bevdepth.configs import nuscenes as nuscenes_configs
 from bevdepth.engine.errors import CheckpointMismatchError
-from bevdepth.engine.lr_schedules import LR_SCHEDULES, cosine_warmup_steps, warmup_cosine_factor
 from bevdepth.engine.samplers import ResumableDistributedSampler, SeededSampleDataset
 from bevdepth.evaluators.det_evaluators import DetNuscEvaluator
 
@@ -111,9 +110,8 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         default_root_dir: run folder (evaluation outputs go here, as in the reference).
         seed: seed of the training order and of the per-sample augmentation.
         max_bad_steps: consecutive non-finite-loss steps tolerated before stopping.
-        lr_schedule: 'multistep' (MultiStepLR [19, 23], Ascend seed), 'constant' (upstream) or 'cosine' (per-step
-            warm-up + cosine decay, bevdepth.engine.lr_schedules; not in the reference); None = the experiment's
-            ``default_lr_schedule``.
+        lr_schedule: 'multistep' (MultiStepLR [19, 23], Ascend seed) or 'constant' (upstream); None = the
+            experiment's ``default_lr_schedule``.
         eval_batch_size: batch per device for test / predict (default: batch_size_per_device).
         backbone_conf, head_conf, ida_aug_conf, bda_aug_conf, img_conf, class_names: configs (reference
             values from bevdepth.configs.nuscenes when None).
@@ -133,8 +131,8 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         if batch_size_per_device < 1:
             raise ValueError(f'--batch_size_per_device must be >= 1, got {batch_size_per_device}')
         lr_schedule = lr_schedule or self.default_lr_schedule
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f'lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}')
+        if lr_schedule not in ('multistep', 'constant'):
+            raise ValueError(f"lr_schedule must be 'multistep' or 'constant', got {lr_schedule!r}")
         self.save_hyperparameters('batch_size_per_device', 'learning_rate', 'data_root', 'version', 'num_workers',
                                   'default_root_dir', 'seed', 'max_bad_steps', 'lr_schedule', 'eval_batch_size')
         self.batch_size_per_device = int(batch_size_per_device)
@@ -233,13 +231,6 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         if self.lr_schedule == 'multistep':
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones())
             return [optimizer], [scheduler]
-        if self.lr_schedule == 'cosine':
-            total_steps = int(self.trainer.estimated_stepping_batches)
-            factor = partial(warmup_cosine_factor, total_steps=total_steps,
-                             warmup_steps=cosine_warmup_steps(total_steps))
-            # Per optimiser step; its step count is in the checkpoint, so a resumed run continues the curve.
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            return [optimizer], [dict(scheduler=scheduler, interval='step')]
         return [optimizer]
 
     def lr_milestones(self):

@@ -16,7 +16,7 @@ SAMPLES=${DEMO_SAMPLES_PER_SCENE:-20}
 ACCELERATOR=${DEMO_ACCELERATOR:-cpu}
 EXP=exps/nuscenes/tiny/matrixvt_tiny_synthetic.py
 OUT=${DEMO_OUT:-outputs/demo}
-step() { printf '\n==== %s ====\n' "$*"; }
+step() { printf '\n==== %s (at %ds) ====\n' "$*" "$SECONDS"; }
 SECONDS=0
 
 if [ "${DEMO_SKIP_INSTALL:-0}" != 1 ]; then

@@ -25,7 +25,6 @@ import torch
 
 from bevdepth.engine import devices as devices_helpers
 from bevdepth.engine.errors import USER_ERRORS, CheckpointMismatchError, UsageError
-from bevdepth.engine.lr_schedules import LR_SCHEDULES
 
 DEFAULT_BATCH_SIZE_PER_DEVICE = 8  # the reference README's -b 8 (the reference flag had no default)
 DEFAULT_LR_PER_IMAGE = 2e-4 / 64
@@ -73,9 +72,8 @@ def build_parser(exp_name, model_class=None):
     parser.add_argument('--learning_rate', type=float, default=DEFAULT_LR_PER_IMAGE,
                         help='lr per image; lr = learning_rate x batch per device x devices x nodes '
                              '(default 2e-4/64 = 3.125e-6, i.e. 2e-4 for -b 8 on 8 devices)')
-    parser.add_argument('--lr_schedule', choices=list(LR_SCHEDULES), default=None,
-                        help="'multistep' = MultiStepLR([19, 23]) per epoch (Ascend seed), 'constant' = upstream, "
-                             "'cosine' = 5%% linear warm-up then cosine decay to 1%%, per step (not in the reference); "
+    parser.add_argument('--lr_schedule', choices=['multistep', 'constant'], default=None,
+                        help="'multistep' = MultiStepLR([19, 23]) per epoch (Ascend seed), 'constant' = upstream; "
                              'default: the experiment\'s choice')
     parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                         help='keep conv weights / activations in channels-last memory format (measured ~14%% faster '
