@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,7 +22,7 @@ def run_dir(root):
 
 def tiny_command(dataroot, root, *extra):
     return [sys.executable, TINY_EXP, '--accelerator', 'cpu', '--data_root', str(dataroot), '--version',
-            'v1.0-mini', '--default_root_dir', str(root), '-b', '1', '--max_epochs', '2', '--limit_train_batches',
+            'v1.0-mini', '--default_root_dir', str(root), '-b', '1', '--max_epochs', '3', '--limit_train_batches',
             '4', '--ckpt_every_n_steps', '2', '--num_workers', '0', '--seed', '3', '--learning_rate', '1e-4',
             '--final_dim', '64', '192', '--progress_bar', 'off', *extra]
 
@@ -54,11 +55,14 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(synthetic_
     def final(root):
         checkpoint = torch.load(os.path.join(run_dir(root), 'checkpoints', 'last.ckpt'), map_location='cpu',
                                 weights_only=True)
-        ema = torch.load(os.path.join(run_dir(root), '1.pth'), map_location='cpu', weights_only=True)
+        ema = torch.load(os.path.join(run_dir(root), '2.pth'), map_location='cpu', weights_only=True)
         return checkpoint, ema
 
     (model_a, ema_a), (model_b, ema_b) = final(straight), final(killed)
-    assert model_a['global_step'] == model_b['global_step'] == 8
+    assert model_a['global_step'] == model_b['global_step'] == 12
+    # The tiny experiment's multistep schedule drops the lr x0.1 at epoch round(3 * 5 / 6) = 2, after the resume.
+    lrs = [m['optimizer_states'][0]['param_groups'][0]['lr'] for m in (model_a, model_b)]
+    assert lrs[0] == lrs[1] == pytest.approx(1e-5)
     assert model_a['state_dict'].keys() == model_b['state_dict'].keys()
     for name, value in model_a['state_dict'].items():
         assert torch.equal(value, model_b['state_dict'][name]), name
