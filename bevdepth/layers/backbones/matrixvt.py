@@ -527,23 +527,19 @@ class _CellProjection(torch.autograd.Function):
         feat, pair_weight = ctx.saved_tensors
         # Under autocast the BEV map's consumer may run in bf16 / fp16; the gradient must match our inputs' dtype.
         grad_bev = grad_bev.to(feat.dtype).contiguous()
-        with _no_autocast(feat):
-            return _CellProjection._backward(ctx, feat, pair_weight, grad_bev)
-
-    @staticmethod
-    def _backward(ctx, feat, pair_weight, grad_bev):
         sparse, crow = ctx.sparse, ctx.crow
         grad_feat = grad_weight = None
         num_cells, num_rows = grad_bev.shape[0], feat.shape[0]
-        if ctx.needs_input_grad[0]:
-            # W^T in CSR over rays: the pairs re-ordered by ray (stable, so cells stay ascending per ray).
-            order = torch.argsort(sparse.pair_row, stable=True)
-            row_crow = _csr_rows(sparse.pair_row[order], num_rows, sparse.pair_cell.dtype)
-            transposed = _csr(row_crow, sparse.pair_cell[order], pair_weight[order], (num_rows, num_cells))
-            grad_feat = torch.sparse.mm(transposed, grad_bev)
-        if ctx.needs_input_grad[1]:
-            pattern = _csr(crow, sparse.pair_row, pair_weight.detach(), (num_cells, num_rows))
-            grad_weight = torch.sparse.sampled_addmm(pattern, grad_bev, feat.t(), beta=0.0).values()
+        with _no_autocast(feat):
+            if ctx.needs_input_grad[0]:
+                # W^T in CSR over rays: the pairs re-ordered by ray (stable, so cells stay ascending per ray).
+                order = torch.argsort(sparse.pair_row, stable=True)
+                row_crow = _csr_rows(sparse.pair_row[order], num_rows, sparse.pair_cell.dtype)
+                transposed = _csr(row_crow, sparse.pair_cell[order], pair_weight[order], (num_rows, num_cells))
+                grad_feat = torch.sparse.mm(transposed, grad_bev)
+            if ctx.needs_input_grad[1]:
+                pattern = _csr(crow, sparse.pair_row, pair_weight.detach(), (num_cells, num_rows))
+                grad_weight = torch.sparse.sampled_addmm(pattern, grad_bev, feat.t(), beta=0.0).values()
         return grad_feat, grad_weight, None
 
 

@@ -10,8 +10,8 @@ command-line flags still override them.
         --ckpt_path outputs/matrixvt_tiny_synthetic/lightning_logs/version_0/<last epoch>.pth
 
 Hyper-parameter flags of this experiment: --final_dim H W, --head_channels C, --img_base_channels C,
---resize_lim LOW HIGH, --ida_aug / --no-ida_aug, --ida_flip / --no-ida_flip, --bda_aug / --no-bda_aug (plus the common -b,
---learning_rate, --max_epochs, ...).
+--resize_lim LOW HIGH, --ida_aug / --no-ida_aug, --ida_flip / --no-ida_flip, --bda_aug / --no-bda_aug (plus the
+common -b, --learning_rate, --max_epochs, ...).
 """
 import argparse
 import os
