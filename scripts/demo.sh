@@ -29,7 +29,7 @@ if [ -f "$DATA/v1.0-mini/sample.json" ]; then
     echo "$DATA exists: reusing it (delete it to regenerate)"
 else
     python scripts/make_synthetic_nuscenes.py --dataroot "$DATA" --version v1.0-mini --seed 0 --scenes-per-split 8 \
-        --samples-per-scene "$SAMPLES"
+        --samples-per-scene "$SAMPLES" --workers "$WORKERS"
 fi
 
 step "3/6 gen_info (mini_train -> train, mini_val -> val) and gen_depth_gt"

@@ -1,7 +1,7 @@
 """Write a small synthetic nuScenes dataroot (v1.0-mini, mini scene names) that the unmodified devkit loads.
 
     python scripts/make_synthetic_nuscenes.py --dataroot data/synthetic_nuscenes [--seed 0] \
-        [--scenes-per-split 8] [--samples-per-scene 10] [--overwrite]
+        [--scenes-per-split 8] [--samples-per-scene 10] [--overwrite] [--workers N]
     python scripts/gen_info.py --dataroot data/synthetic_nuscenes --version v1.0-mini
     python scripts/gen_depth_gt.py --dataroot data/synthetic_nuscenes --splits train val
 
@@ -31,6 +31,9 @@ def parse_args(argv=None):
     parser.add_argument('--objects-per-scene', type=int, default=24, help='boxes per scene (>= 10 recommended)')
     parser.add_argument('--no-sweeps', action='store_true', help='write key frames only (no sweeps/)')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty folder that is not synthetic')
+    parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='scenes rendered at a time, in separate processes (the output does not depend on it; '
+                             'default: the CPU count, at most 4)')
     return parser.parse_args(argv)
 
 
@@ -41,7 +44,7 @@ def main(argv=None):
                                            scenes_per_split=args.scenes_per_split,
                                            samples_per_scene=args.samples_per_scene,
                                            objects_per_scene=args.objects_per_scene, with_sweeps=not args.no_sweeps,
-                                           overwrite=args.overwrite, progress=True)
+                                           overwrite=args.overwrite, progress=True, workers=args.workers)
     except DataError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1

@@ -16,9 +16,12 @@ Scene names are those of ``nuscenes.utils.splits`` mini_train / mini_val, so ``e
 Everything derives from the seed: a scene's content from ``default_rng([seed, scene number])`` (so the first
 scenes do not change with ``scenes_per_split``) and tokens from an md5 of (seed, kind, key).
 """
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -314,7 +317,7 @@ def _check_root(root, overwrite):
 
 def write_synthetic_nuscenes(root, version='v1.0-mini', seed=0, scenes_per_split=2, samples_per_scene=6,
                              objects_per_scene=24, lidar_sweeps=2, camera_sweeps=1, with_sweeps=True,
-                             lidar_azimuth_steps=600, overwrite=False, progress=False):
+                             lidar_azimuth_steps=600, overwrite=False, progress=False, workers=1):
     """Write a synthetic v1.0-mini dataroot at ``root`` and return a summary dict.
 
     ``scenes_per_split``: number of mini_train scenes (<= 8) and of mini_val scenes (<= 2, the devkit's
@@ -323,7 +326,8 @@ def write_synthetic_nuscenes(root, version='v1.0-mini', seed=0, scenes_per_split
     (``with_sweeps=False`` writes none); ``lidar_azimuth_steps``: LiDAR columns per revolution (32 rings each).
     The root is written to a temporary sibling folder and renamed, so an interrupted run leaves no partial
     dataroot under ``root``. A non-empty ``root`` is replaced only if it is a previous synthetic root or
-    ``overwrite`` is set.
+    ``overwrite`` is set. ``workers`` > 1 renders that many scenes at a time in separate processes; every scene
+    draws from its own seeded generator, so the bytes do not depend on ``workers``.
     """
     start_time = time.perf_counter()
     if version != SUPPORTED_VERSION:
@@ -337,6 +341,8 @@ def write_synthetic_nuscenes(root, version='v1.0-mini', seed=0, scenes_per_split
     if not 0 <= lidar_sweeps <= 9 or not 0 <= camera_sweeps <= 5:
         raise DataError(f'lidar_sweeps must be 0..9 and camera_sweeps 0..5 (they must fit between 2 Hz key '
                         f'frames), got {lidar_sweeps} and {camera_sweeps}')
+    if int(workers) < 1:
+        raise DataError(f'workers must be >= 1, got {workers}')
     if not with_sweeps:
         lidar_sweeps = camera_sweeps = 0
     root = pathlib.Path(root).absolute()
@@ -349,7 +355,7 @@ def write_synthetic_nuscenes(root, version='v1.0-mini', seed=0, scenes_per_split
     try:
         summary = _write_dataroot(tmp_root, seed, train_names + val_names, int(samples_per_scene),
                                   int(objects_per_scene), int(lidar_sweeps), int(camera_sweeps),
-                                  int(lidar_azimuth_steps), progress)
+                                  int(lidar_azimuth_steps), progress, int(workers))
         summary.update(version=version, seed=seed, train_scenes=train_names, val_scenes=val_names,
                        generator=GENERATOR_NAME)
         summary['seconds'] = round(time.perf_counter() - start_time, 3)
@@ -376,7 +382,7 @@ def _replace_folder(new, final):
 
 
 def _write_dataroot(root, seed, scene_names, samples_per_scene, objects_per_scene, lidar_sweeps, camera_sweeps,
-                    lidar_azimuth_steps, progress):
+                    lidar_azimuth_steps, progress, workers=1):
     tables = _Tables()
     for token, name in CATEGORIES:
         tables.add('category', token=token, name=name, description=f'{name} (synthetic)')
@@ -393,25 +399,30 @@ def _write_dataroot(root, seed, scene_names, samples_per_scene, objects_per_scen
     (root / 'maps').mkdir(parents=True, exist_ok=True)
     (root / SUPPORTED_VERSION).mkdir(parents=True, exist_ok=True)
 
-    calib = {}
-    for channel in CAMERA_CHANNELS + ('LIDAR_TOP',):
-        _, translation, rotation, intrinsic = RIG[channel]
-        k = [] if intrinsic is None else [[intrinsic[0], 0.0, intrinsic[1]], [0.0, intrinsic[0], intrinsic[2]],
-                                          [0.0, 0.0, 1.0]]
-        calib[channel] = dict(translation=translation, rotation=rotation, camera_intrinsic=k)
-    renderers = _camera_renderers()
-    scanner = LidarScanner(record_to_matrix(calib['LIDAR_TOP']), num_azimuth=lidar_azimuth_steps)
-
     map_token = make_token(seed, 'map')
+    jobs = [(root, seed, scene_index, scene_name, samples_per_scene, objects_per_scene, lidar_sweeps, camera_sweeps,
+             lidar_azimuth_steps) for scene_index, scene_name in enumerate(scene_names)]
     instance_colors = {}
     counts = dict(class_counts={c: 0 for c in DETECTION_CLASSES}, classes_with_points={})
-    iterator = list(enumerate(scene_names))
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc='synthetic scenes', unit='scene')
-    for scene_index, scene_name in iterator:
-        _write_scene(root, tables, seed, scene_index, scene_name, samples_per_scene, objects_per_scene,
-                     lidar_sweeps, camera_sweeps, calib, renderers, scanner, instance_colors, counts)
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            # spawn, not fork: the caller may have started torch / OpenMP threads, which fork does not survive.
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context('spawn')))
+            scene_results = pool.map(_write_scene_job, jobs)
+        else:
+            scene_results = map(_write_scene_job, jobs)
+        if progress:
+            from tqdm import tqdm
+            scene_results = tqdm(scene_results, total=len(jobs), desc='synthetic scenes', unit='scene')
+        # Merged in scene order, so the tables are the same whatever the number of workers.
+        for scene_name, scene_rows, scene_colors, scene_class_counts, scene_classes in scene_results:
+            for name, rows in scene_rows.items():
+                tables.rows[name].extend(rows)
+            instance_colors.update(scene_colors)
+            for detection_class, count in scene_class_counts.items():
+                counts['class_counts'][detection_class] += count
+            counts['classes_with_points'][scene_name] = scene_classes
     log_tokens = [log['token'] for log in tables.rows['log']]
     tables.add('map', token=map_token, log_tokens=log_tokens, category='semantic_prior',
                filename=f'maps/{map_token}.png')
@@ -424,6 +435,32 @@ def _write_dataroot(root, seed, scene_names, samples_per_scene, objects_per_scen
                 num_annotations=len(tables.rows['sample_annotation']), num_instances=len(tables.rows['instance']),
                 class_counts=counts['class_counts'], classes_with_points=counts['classes_with_points'],
                 instance_colors_bgr=instance_colors)
+
+
+def _sensor_calibration():
+    """calibrated_sensor fields (translation, rotation, camera_intrinsic) of every channel of the rig."""
+    calib = {}
+    for channel in CAMERA_CHANNELS + ('LIDAR_TOP',):
+        _, translation, rotation, intrinsic = RIG[channel]
+        k = [] if intrinsic is None else [[intrinsic[0], 0.0, intrinsic[1]], [0.0, intrinsic[0], intrinsic[2]],
+                                          [0.0, 0.0, 1.0]]
+        calib[channel] = dict(translation=translation, rotation=rotation, camera_intrinsic=k)
+    return calib
+
+
+def _write_scene_job(job):
+    """Write one scene's files; return (scene name, its table rows, instance colours, class counts, classes the
+    eval keeps). Runs in a worker process when ``workers`` > 1."""
+    root, seed, scene_index, scene_name, samples_per_scene, objects_per_scene, lidar_sweeps, camera_sweeps, \
+        lidar_azimuth_steps = job
+    calib = _sensor_calibration()
+    scanner = LidarScanner(record_to_matrix(calib['LIDAR_TOP']), num_azimuth=lidar_azimuth_steps)
+    tables = _Tables()
+    instance_colors = {}
+    counts = dict(class_counts={c: 0 for c in DETECTION_CLASSES}, classes_with_points={})
+    _write_scene(root, tables, seed, scene_index, scene_name, samples_per_scene, objects_per_scene, lidar_sweeps,
+                 camera_sweeps, calib, _camera_renderers(), scanner, instance_colors, counts)
+    return scene_name, tables.rows, instance_colors, counts['class_counts'], counts['classes_with_points'][scene_name]
 
 
 @functools.lru_cache(maxsize=1)

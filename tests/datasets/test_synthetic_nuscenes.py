@@ -342,6 +342,17 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_differs(tmp_path):
     print(f'tiny synthetic root (2 scenes x 2 samples) written in {first["seconds"]:.2f} s')
 
 
+def test_scenes_written_in_worker_processes_give_the_same_bytes(tmp_path):
+    # Two scenes on two spawned workers (sweeps on, so every table and folder is exercised) against one process.
+    settings = dict(scenes_per_split=1, samples_per_scene=2, objects_per_scene=12, seed=5)
+    serial = synth.write_synthetic_nuscenes(tmp_path / 'serial', workers=1, **settings)
+    parallel = synth.write_synthetic_nuscenes(tmp_path / 'parallel', workers=2, **settings)
+    assert _tree_digest(tmp_path / 'serial') == _tree_digest(tmp_path / 'parallel')
+    assert {k: v for k, v in serial.items() if k not in ('seconds', 'root')} == \
+        {k: v for k, v in parallel.items() if k not in ('seconds', 'root')}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['parallel', 'serial']  # no temp folders left
+
+
 # ------------------------------------------------------------------------------------------ safe writing
 def test_refuses_foreign_non_empty_folder_and_replaces_previous_synthetic_root(tmp_path):
     foreign = tmp_path / 'foreign'
@@ -377,6 +388,7 @@ def test_interrupted_write_leaves_no_partial_dataroot(tmp_path, monkeypatch):
     (dict(scenes_per_split=9), 'scenes_per_split must be 1..8'),
     (dict(samples_per_scene=1), 'samples_per_scene must be >= 2'),
     (dict(lidar_sweeps=10), 'lidar_sweeps must be 0..9'),
+    (dict(workers=0), 'workers must be >= 1'),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, kwargs, message):
     with pytest.raises(DataError, match=message):
