@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from bevdepth.callbacks.nonfinite_guard import DEFAULT_MAX_BAD_STEPS, NonFiniteLossGuard, SkipOptimizerStepMixin
 from bevdepth.configs import nuscenes as nuscenes_configs
+from bevdepth.engine.cli import LR_SCHEDULES
 from bevdepth.engine.errors import CheckpointMismatchError
 from bevdepth.engine.samplers import ResumableDistributedSampler, SeededSampleDataset
 from bevdepth.evaluators.det_evaluators import DetNuscEvaluator
@@ -131,8 +132,8 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         if batch_size_per_device < 1:
             raise ValueError(f'--batch_size_per_device must be >= 1, got {batch_size_per_device}')
         lr_schedule = lr_schedule or self.default_lr_schedule
-        if lr_schedule not in ('multistep', 'constant'):
-            raise ValueError(f"lr_schedule must be 'multistep' or 'constant', got {lr_schedule!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f'lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}')
         self.save_hyperparameters('batch_size_per_device', 'learning_rate', 'data_root', 'version', 'num_workers',
                                   'default_root_dir', 'seed', 'max_bad_steps', 'lr_schedule', 'eval_batch_size')
         self.batch_size_per_device = int(batch_size_per_device)

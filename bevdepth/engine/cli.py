@@ -28,6 +28,7 @@ from bevdepth.engine.errors import USER_ERRORS, CheckpointMismatchError, UsageEr
 
 DEFAULT_BATCH_SIZE_PER_DEVICE = 8  # the reference README's -b 8 (the reference flag had no default)
 DEFAULT_LR_PER_IMAGE = 2e-4 / 64
+LR_SCHEDULES = ('multistep', 'constant')  # checked by BEVDepthLightningModel too
 GRADIENT_CLIP_VAL = 5.0
 
 PRECISION_ALIASES = {
@@ -72,7 +73,7 @@ def build_parser(exp_name, model_class=None):
     parser.add_argument('--learning_rate', type=float, default=DEFAULT_LR_PER_IMAGE,
                         help='lr per image; lr = learning_rate x batch per device x devices x nodes '
                              '(default 2e-4/64 = 3.125e-6, i.e. 2e-4 for -b 8 on 8 devices)')
-    parser.add_argument('--lr_schedule', choices=['multistep', 'constant'], default=None,
+    parser.add_argument('--lr_schedule', choices=list(LR_SCHEDULES), default=None,
                         help="'multistep' = MultiStepLR([19, 23]) per epoch (Ascend seed), 'constant' = upstream; "
                              'default: the experiment\'s choice')
     parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
