@@ -11,6 +11,7 @@ Changes from the reference (behaviour, not results): no ``.cuda()`` (Lightning m
 non-finite-loss guard, resumable sampling (bevdepth.engine.samplers), RNG states in the checkpoint,
 evaluation errors raised on every rank instead of hanging the others.
 """
+import copy
 from functools import partial
 import os
 import random
@@ -19,12 +20,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from bevdepth.callbacks.nonfinite_guard import DEFAULT_MAX_BAD_STEPS, NonFiniteLossGuard, SkipOptimizerStepMixin
 from bevdepth.configs import nuscenes as nuscenes_configs
-from bevdepth.engine.cli import LR_SCHEDULES
+from bevdepth.datasets.nusc_det_dataset import IMAGE_BACKENDS
+from bevdepth.engine.cli import LR_SCHEDULES, effective_learning_rate
 from bevdepth.engine.errors import CheckpointMismatchError
 from bevdepth.engine.samplers import ResumableDistributedSampler, SeededSampleDataset
 from bevdepth.evaluators.det_evaluators import DetNuscEvaluator
@@ -114,17 +115,26 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         lr_schedule: 'multistep' (MultiStepLR [19, 23], Ascend seed) or 'constant' (upstream); None = the
             experiment's ``default_lr_schedule``.
         eval_batch_size: batch per device for test / predict (default: batch_size_per_device).
+        channels_last: channels-last memory format (None = the experiment's ``default_channels_last``).
+        pretrained: initial weights of the image ResNet: None / 'none' (random init), 'torchvision' (ImageNet
+            IMAGENET1K_V1 from the torch hub cache, downloaded by rank 0 when absent) or a checkpoint path. The
+            command line passes the experiment's ``default_pretrained`` for a fresh training run and None for runs
+            that load a checkpoint.
+        image_backend: 'opencv' (fast, default) or 'pillow' (the reference's PIL bicubic pipeline).
+        use_cbgs: class-balanced grouping and sampling of the training split (None = ``default_use_cbgs``).
         backbone_conf, head_conf, ida_aug_conf, bda_aug_conf, img_conf, class_names: configs (reference
             values from bevdepth.configs.nuscenes when None).
     """
 
     default_lr_schedule = 'multistep'
     default_channels_last = False  # the reference's contiguous layout; the tiny CPU experiment turns it on
+    default_pretrained = 'torchvision'  # the reference R50 experiments start from ImageNet (IMAGENET1K_V1)
+    default_use_cbgs = False  # the reference base exp; MatrixVT turns it on
 
     def __init__(self, batch_size_per_device=8, learning_rate=DEFAULT_LR_PER_IMAGE, data_root='data/nuScenes',
                  version='v1.0-trainval', num_workers=4, default_root_dir='./outputs/', seed=0,
                  max_bad_steps=DEFAULT_MAX_BAD_STEPS, lr_schedule=None, eval_batch_size=None, channels_last=None,
-                 backbone_conf=None, head_conf=None, ida_aug_conf=None, bda_aug_conf=None, img_conf=None,
+                 pretrained=None, image_backend='opencv', use_cbgs=None, backbone_conf=None, head_conf=None, ida_aug_conf=None, bda_aug_conf=None, img_conf=None,
                  class_names=None):
         super().__init__()
         if learning_rate is None or learning_rate <= 0:
@@ -134,8 +144,11 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         lr_schedule = lr_schedule or self.default_lr_schedule
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f'lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}')
+        if image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f'--image_backend must be one of {list(IMAGE_BACKENDS)}, got {image_backend!r}')
         self.save_hyperparameters('batch_size_per_device', 'learning_rate', 'data_root', 'version', 'num_workers',
-                                  'default_root_dir', 'seed', 'max_bad_steps', 'lr_schedule', 'eval_batch_size')
+                                  'default_root_dir', 'seed', 'max_bad_steps', 'lr_schedule', 'eval_batch_size',
+                                  'pretrained', 'image_backend', 'use_cbgs')
         self.batch_size_per_device = int(batch_size_per_device)
         self.eval_batch_size = int(eval_batch_size or batch_size_per_device)
         self.basic_lr_per_img = float(learning_rate)
@@ -147,14 +160,16 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self.lr_schedule = lr_schedule
 
         self.class_names = list(class_names or nuscenes_configs.CLASSES)
-        self.backbone_conf = backbone_conf or nuscenes_configs.backbone_conf()
+        self.backbone_conf = copy.deepcopy(backbone_conf or nuscenes_configs.backbone_conf())
+        self.backbone_conf['img_backbone_conf']['pretrained'] = None if pretrained in (None, 'none') else pretrained
+        self.image_backend = image_backend
         self.head_conf = head_conf or nuscenes_configs.head_conf()
         self.ida_aug_conf = ida_aug_conf or nuscenes_configs.ida_aug_conf()
         self.bda_aug_conf = bda_aug_conf or nuscenes_configs.bda_aug_conf()
         self.img_conf = img_conf or dict(nuscenes_configs.IMG_CONF)
 
         # Data settings of the reference base exp (spec B.2).
-        self.data_use_cbgs = False
+        self.data_use_cbgs = self.default_use_cbgs if use_cbgs is None else bool(use_cbgs)
         self.num_sweeps = 1
         self.sweep_idxes = []
         self.key_idxes = []
@@ -224,10 +239,7 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
 
     def configure_optimizers(self):
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        lr = self.basic_lr_per_img * self.batch_size_per_device * world_size
-        rank_zero_info(f'effective lr = {self.basic_lr_per_img:.6g} per image x {self.batch_size_per_device} '
-                       f'per device x {world_size} devices (all nodes) = {lr:.6g}; global batch = '
-                       f'{self.batch_size_per_device * world_size} samples; schedule: {self.lr_schedule}')
+        lr = effective_learning_rate(self.basic_lr_per_img, self.batch_size_per_device, world_size)
         optimizer = self.build_optimizer(lr)
         if self.lr_schedule == 'multistep':
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones())
@@ -299,7 +311,7 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
                               num_sweeps=self.num_sweeps, img_conf=self.img_conf,
                               return_depth=self.data_return_depth and is_train, sweep_idxes=self.sweep_idxes,
                               key_idxes=self.key_idxes, depth_source=self.depth_source,
-                              cbgs_seed=self.seed)
+                              cbgs_seed=self.seed, image_backend=self.image_backend)
 
     def _world(self):
         if self._trainer is None:

@@ -261,8 +261,14 @@ class NuscDetDataset(Dataset):
         if self.use_cbgs:
             self.sample_indices = cbgs_sample_indices(self.infos, self.classes, np.random.default_rng(cbgs_seed))
             if not self.sample_indices:
+                annotated = sum(1 for info in self.infos if any(
+                    detection_name(ann['category_name']) in self.classes for ann in info.get('ann_infos', [])))
+                if annotated:  # the reference's formula rounds each class's share down to zero
+                    raise DataError(f'the training split ({len(self.infos)} samples, {annotated} annotated) is too '
+                                    f'small for class-balanced resampling (CBGS): every class gets int(share) = 0 '
+                                    f'draws; train with --no-cbgs or on a larger split')
                 raise DataError(f'CBGS found no sample with an annotation of {self.classes} in '
-                                f'{", ".join(self.info_paths)}: use use_cbgs=False or a split with annotations')
+                                f'{", ".join(self.info_paths)}: train with --no-cbgs or on a split with annotations')
         self._rng = None
         self._rng_owner = None
 

@@ -24,6 +24,7 @@ import sys
 import torch
 
 from bevdepth.engine import devices as devices_helpers
+from bevdepth.datasets.nusc_det_dataset import IMAGE_BACKENDS
 from bevdepth.engine.errors import USER_ERRORS, CheckpointMismatchError, UsageError
 
 DEFAULT_BATCH_SIZE_PER_DEVICE = 8  # the reference README's -b 8 (the reference flag had no default)
@@ -84,8 +85,20 @@ def build_parser(exp_name, model_class=None):
     parser.add_argument('--devices', type=_devices_arg, default=None, help="devices per node (int or 'auto')")
     parser.add_argument('--accelerator', choices=['auto', 'cpu', 'gpu', 'cuda', 'npu'], default='auto')
     parser.add_argument('--num_nodes', type=int, default=1)
-    parser.add_argument('--precision', default='32', choices=sorted(PRECISION_ALIASES),
-                        help="16 = fp16 mixed precision (native AMP), bf16, 32 (default)")
+    parser.add_argument('--precision', default=None, choices=sorted(PRECISION_ALIASES),
+                        help='16 = fp16 mixed precision (native AMP), bf16, 32; default: 16 on GPU / NPU (the '
+                             'reference run), 32 on CPU')
+    parser.add_argument('--pretrained', default=None, metavar='torchvision|none|PATH',
+                        help="initial weights of the image ResNet for a new training run: 'torchvision' = ImageNet "
+                             "IMAGENET1K_V1 (downloaded once into the torch hub cache), 'none' = random init, or a "
+                             "checkpoint file; default: the experiment's choice (torchvision for the R50 "
+                             'experiments). Runs that load a checkpoint (-e, -p, --resume) ignore it')
+    parser.add_argument('--image_backend', choices=list(IMAGE_BACKENDS), default='opencv',
+                        help="image resize / crop / rotate: 'opencv' (faster, default) or 'pillow' (the reference's "
+                             'PIL bicubic pipeline, to evaluate reference checkpoints exactly)')
+    parser.add_argument('--cbgs', action=argparse.BooleanOptionalAction, default=None,
+                        help="class-balanced grouping and sampling of the training split; default: the "
+                             "experiment's choice (on for MatrixVT, as the reference)")
     parser.add_argument('--amp_backend', default=None,
                         help='accepted for seed compatibility and ignored: Lightning 2 always uses native AMP')
     parser.add_argument('--max_epochs', '--max_epoch', dest='max_epochs', type=int, default=24)
@@ -173,10 +186,65 @@ def resolve_devices(args, kind):
 
 
 def resolve_precision(precision, kind):
+    """Lightning precision name; None = the reference's fp16 AMP on a GPU / NPU, fp32 on CPU."""
+    if precision is None:
+        return '32-true' if kind == 'cpu' else '16-mixed'
     precision = PRECISION_ALIASES[str(precision)]
     if kind == 'cpu' and precision in ('16-mixed', '16-true'):
         raise UsageError(f'--precision {precision} (fp16) needs a GPU or NPU; on CPU use --precision 32 or bf16')
     return precision
+
+
+def effective_learning_rate(lr_per_image, batch_size_per_device, world_size):
+    """The optimiser's lr: per-image lr x global batch (the Ascend seed's scaling, e.g. 3.125e-6 x 8 x 8 = 2e-4)."""
+    return lr_per_image * batch_size_per_device * world_size
+
+
+def resolve_pretrained_source(pretrained, model_class, loads_checkpoint):
+    """The image backbone's initial weights: ``--pretrained`` or the experiment's ``default_pretrained`` for a new
+    training run; None when the run loads a checkpoint, whose weights replace the initial ones anyway."""
+    if loads_checkpoint:
+        if pretrained not in (None, 'none'):
+            _print_rank_zero(f'note: --pretrained {pretrained} ignored: this run takes its weights from a checkpoint')
+        return None
+    source = pretrained if pretrained is not None else getattr(model_class, 'default_pretrained', None)
+    return None if source in (None, 'none') else source
+
+
+def describe_pretrained(model):
+    """'none (random init)' or where the image ResNet's weights came from and how many tensors were loaded."""
+    from bevdepth.layers.backbones.resnet import ResNet
+
+    loaded = [module for module in model.modules() if isinstance(module, ResNet) and module.pretrained_path]
+    if not loaded:
+        return 'none (random init)'
+    return '; '.join(f'{module.pretrained_path} ({module.pretrained_tensors_loaded} tensors loaded, fc.* not used)'
+                     for module in loaded)
+
+
+def recipe_lines(args, mode, kind, devices, precision, model, use_ema):
+    """The settings that decide what a run computes, one per line (printed at start by rank 0)."""
+    world_size = devices * args.num_nodes
+    precision_origin = ' (default on this device)' if args.precision is None else ''
+    lines = [f'recipe ({mode}):',
+             f'  devices          {kind} x {devices} per node x {args.num_nodes} node(s)',
+             f'  precision        {precision}{precision_origin}',
+             f'  image backend    {model.image_backend}']
+    if mode == 'train':
+        lr = effective_learning_rate(model.basic_lr_per_img, model.batch_size_per_device, world_size)
+        lines += [
+            f'  learning rate    {model.basic_lr_per_img:.6g} per image x {model.batch_size_per_device} per device x '
+            f'{world_size} devices = {lr:.6g} (global batch {model.batch_size_per_device * world_size})',
+            f'  batch per device {model.batch_size_per_device}',
+            f'  epochs           {args.max_epochs}, lr schedule {model.lr_schedule}',
+            f'  pretrained       {describe_pretrained(model.model)}',
+            f"  EMA              {'on' if use_ema else 'off'}",
+            f"  CBGS             {'on' if model.data_use_cbgs else 'off'}",
+            f'  gradient clip    {GRADIENT_CLIP_VAL}',
+        ]
+    else:
+        lines.append(f'  batch per device {model.eval_batch_size}')
+    return lines
 
 
 def find_latest_checkpoint(root_dir):
@@ -359,6 +427,16 @@ def run_cli(model_class, exp_name, use_ema=False, extra_trainer_config_args=None
         sys.exit(2)
 
 
+def build_lightning_module(model_class, args, default_root_dir, pretrained):
+    """The experiment's LightningModule from parsed flags (``pretrained`` from resolve_pretrained_source)."""
+    return model_class(batch_size_per_device=args.batch_size_per_device, learning_rate=args.learning_rate,
+                       data_root=args.data_root, version=args.version, num_workers=args.num_workers,
+                       default_root_dir=default_root_dir, seed=args.seed, max_bad_steps=args.max_bad_steps,
+                       lr_schedule=args.lr_schedule, eval_batch_size=args.eval_batch_size,
+                       channels_last=args.channels_last, pretrained=pretrained, image_backend=args.image_backend,
+                       use_cbgs=args.cbgs, **{name: getattr(args, name) for name in args.model_arg_names})
+
+
 def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults, argv):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -385,14 +463,23 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
     if args.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
 
+    resume_path = None
+    if args.resume == 'auto':
+        resume_path = find_latest_checkpoint(default_root_dir)
+        if resume_path is None:
+            _print_rank_zero(f'--resume auto: no checkpoint under {default_root_dir}/lightning_logs, '
+                             f'starting a new run')
+    elif args.resume:
+        resume_path = args.resume
+    loads_checkpoint = bool(args.evaluate or args.predict or resume_path)
+    pretrained = resolve_pretrained_source(args.pretrained, model_class, loads_checkpoint)
+
     pl.seed_everything(args.seed, workers=True)
-    model = model_class(batch_size_per_device=args.batch_size_per_device, learning_rate=args.learning_rate,
-                        data_root=args.data_root, version=args.version, num_workers=args.num_workers,
-                        default_root_dir=default_root_dir, seed=args.seed, max_bad_steps=args.max_bad_steps,
-                        lr_schedule=args.lr_schedule, eval_batch_size=args.eval_batch_size,
-                        channels_last=args.channels_last, **{name: getattr(args, name) for name in args.model_arg_names})
+    model = build_lightning_module(model_class, args, default_root_dir, pretrained)
     _check_data(args, model)
     trainer_kwargs = build_trainer_kwargs(args, kind, devices, precision, extra)
+    mode = 'evaluate' if args.evaluate else 'predict' if args.predict else 'train'
+    _print_rank_zero('\n'.join(recipe_lines(args, mode, kind, devices, precision, model, use_ema)))
 
     if args.evaluate or args.predict:
         load_weights(model, args.ckpt_path)
@@ -409,14 +496,6 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
         _print_rank_zero(f'warning: --batch_size_per_device 1: every BatchNorm layer then normalises one sample per '
                          f'device (a single BEV map in the head), which makes its statistics noisy; use -b 2 or '
                          f'more when memory allows', file=sys.stderr)
-    resume_path = None
-    if args.resume == 'auto':
-        resume_path = find_latest_checkpoint(default_root_dir)
-        if resume_path is None:
-            _print_rank_zero(f'--resume auto: no checkpoint under {default_root_dir}/lightning_logs, '
-                             f'starting a new run')
-    elif args.resume:
-        resume_path = args.resume
     version = None
     if resume_path is not None:
         check_state_dict_matches(load_checkpoint_state_dict(resume_path), model, resume_path)

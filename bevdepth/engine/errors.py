@@ -5,6 +5,7 @@ that does not match its split. Their messages name the file and the fix.
 """
 from bevdepth.datasets.errors import DataError
 from bevdepth.evaluators.det_evaluators import EmptySubmissionError, SubmissionMismatchError
+from bevdepth.layers.backbones.imagenet_weights import PretrainedWeightsError
 
 
 class CheckpointMismatchError(ValueError):
@@ -16,4 +17,4 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (UsageError, FileNotFoundError, DataError, CheckpointMismatchError, SubmissionMismatchError,
-               EmptySubmissionError)
+               EmptySubmissionError, PretrainedWeightsError)

@@ -397,7 +397,12 @@ def test_cbgs_balances_class_frequencies(tmp_path):
 
 def test_cbgs_dataset_length_and_mapping(tmp_path):
     info_path, _ = _write_tiny_dataroot(tmp_path, [('vehicle.car',)] * 3 + [('vehicle.bicycle',)])
-    with pytest.raises(DataError, match='CBGS found no sample'):  # 3 + 1 samples: every class draws int(<1)
+    # 3 + 1 annotated samples: every class draws int(<1); the message names the cause and the switch.
+    with pytest.raises(DataError, match=r'\(4 samples, 4 annotated\) is too small for class-balanced resampling '
+                                        r'\(CBGS\).*--no-cbgs'):
+        _tiny_dataset(tmp_path, info_path, use_cbgs=True)
+    info_path, _ = _write_tiny_dataroot(tmp_path, [('movable_object.debris',)] * 2)  # no detection class at all
+    with pytest.raises(DataError, match='CBGS found no sample with an annotation of .*--no-cbgs'):
         _tiny_dataset(tmp_path, info_path, use_cbgs=True)
     info_path, _ = _write_tiny_dataroot(tmp_path, [('vehicle.car',)] * 30 + [('vehicle.bicycle',)] * 10)
     ds = _tiny_dataset(tmp_path, info_path, use_cbgs=True, cbgs_seed=1)

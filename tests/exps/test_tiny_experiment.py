@@ -56,7 +56,9 @@ def test_ddp_training_writes_checkpoint_and_ema_weights(ddp_run):
     assert checkpoint['state_dict'].keys() >= ema['state_dict'].keys()
     # 2 ranks x 4 steps, each printing the seed's step_time line; lr = 1e-5 x 1 x 2 devices.
     assert len(re.findall(r'step_time=\s+\d', result.stdout)) == 8
-    assert 'x 2 devices (all nodes) = 2e-05' in result.stdout + result.stderr
+    assert result.stdout.count('recipe (train):') == 1  # printed by rank 0 only
+    assert 'x 1 per device x 2 devices = 2e-05 (global batch 2)' in result.stdout
+    assert 'pretrained       none (random init)' in result.stdout
     assert not [name for name in os.listdir(version_dir) if name.endswith('.tmp')]
 
 

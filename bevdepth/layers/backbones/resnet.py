@@ -9,11 +9,13 @@ Initialisation follows mmdet: the constructor leaves PyTorch's default init, ``i
 pretrained checkpoint or Kaiming(fan_out, relu) convs + BN(1, 0) + zero-init of the last BN of every block.
 The owners (``BaseLSSFPN`` and ``BEVDepthHead``) call ``init_weights()`` like the reference does.
 """
-import glob
 import os
 
 import torch
 from torch import nn
+
+from bevdepth.layers.backbones import imagenet_weights
+from bevdepth.layers.backbones.imagenet_weights import PretrainedWeightsError
 
 # depth -> (block, blocks per stage), as torchvision / mmdet.
 _ARCH_SETTINGS = {
@@ -22,15 +24,6 @@ _ARCH_SETTINGS = {
     50: ('bottleneck', (3, 4, 6, 3)),
     101: ('bottleneck', (3, 4, 23, 3)),
 }
-
-# torchvision ImageNet checkpoint names that mmcv's 'torchvision://resnetXX' resolves to (IMAGENET1K_V1).
-_TORCHVISION_FILES = {
-    18: 'resnet18-f37072fd.pth',
-    34: 'resnet34-b627a593.pth',
-    50: 'resnet50-0676ba61.pth',
-    101: 'resnet101-63fe2227.pth',
-}
-
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual (mmdet ``BasicBlock``, keys conv1, bn1, conv2, bn2[, downsample])."""
@@ -108,39 +101,41 @@ def _make_res_layer(block, inplanes, planes, num_blocks, stride, dilation):
 
 
 def resolve_pretrained(pretrained, depth):
-    """Path of the checkpoint to load for ``pretrained`` (None, a file path or 'torchvision'); never downloads."""
-    if pretrained is None:
+    """Path of the checkpoint to load for ``pretrained``.
+
+    ``pretrained``: None / 'none' (no checkpoint), 'torchvision' (torchvision's ImageNet ``IMAGENET1K_V1`` file in
+    the torch hub cache, downloaded by local rank 0 when absent: bevdepth.layers.backbones.imagenet_weights) or a
+    checkpoint path.
+    """
+    if pretrained is None or str(pretrained) == 'none':
         return None
     if not isinstance(pretrained, (str, os.PathLike)):
-        raise ValueError(f'pretrained must be None, a checkpoint path or "torchvision", got {pretrained!r}')
+        raise ValueError(f"pretrained must be None, 'none', 'torchvision' or a checkpoint path, got {pretrained!r}")
     if str(pretrained) in ('torchvision', f'torchvision://resnet{depth}'):
-        checkpoint_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
-        preferred = os.path.join(checkpoint_dir, _TORCHVISION_FILES[depth])
-        if os.path.isfile(preferred):
-            return preferred
-        candidates = sorted(glob.glob(os.path.join(checkpoint_dir, f'resnet{depth}-*.pth')))
-        if candidates:
-            return candidates[0]
-        raise FileNotFoundError(
-            f'torchvision ResNet-{depth} ImageNet weights not found: put {_TORCHVISION_FILES[depth]} '
-            f'(https://download.pytorch.org/models/{_TORCHVISION_FILES[depth]}) into {checkpoint_dir} '
-            f'or pass pretrained=<path> / pretrained=None')
+        return imagenet_weights.obtain_weights(depth)
     path = os.path.expanduser(str(pretrained))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'pretrained checkpoint {path} does not exist: fix the path or pass pretrained=None')
+        raise PretrainedWeightsError(f'pretrained checkpoint {path} does not exist: fix --pretrained PATH, or pass '
+                                     f"--pretrained torchvision / none")
     return path
 
 
 def _load_backbone_state_dict(path):
     """A plain ResNet state dict from a torchvision / mmcv / Lightning-style checkpoint file."""
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # truncated / not a torch file: the loader's own message is many lines
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PretrainedWeightsError(f'pretrained checkpoint {path} cannot be read ({first_line}): download it '
+                                     f'again or pass another --pretrained') from None
     if isinstance(checkpoint, dict):
         for key in ('state_dict', 'model'):
             if key in checkpoint and isinstance(checkpoint[key], dict):
                 checkpoint = checkpoint[key]
                 break
-    if not isinstance(checkpoint, dict):
-        raise RuntimeError(f'{path} does not hold a state dict (got {type(checkpoint).__name__})')
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(value) for value in checkpoint.values()):
+        raise PretrainedWeightsError(f'pretrained checkpoint {path} does not hold a state dict of tensors: pass a '
+                                     f'ResNet checkpoint with --pretrained')
     return {(key[len('module.'):] if key.startswith('module.') else key): value for key, value in checkpoint.items()}
 
 
@@ -159,7 +154,8 @@ class ResNet(nn.Module):
         norm_eval: keep every BN in eval mode during training.
         zero_init_residual: zero the last BN of every block in ``init_weights()`` (not with pretrained weights).
         with_maxpool: False removes the stem max-pool (the reference deletes it for the BEV trunk).
-        pretrained: None, a checkpoint path, or 'torchvision' (the ImageNet file in the local torch hub cache).
+        pretrained: None / 'none', a checkpoint path, or 'torchvision' (the ImageNet V1 file in the torch hub cache,
+            downloaded once when absent).
 
     forward: x (B, in_channels, H, W) -> tuple of (B, C_i, H_i, W_i) for i in out_indices.
     """
@@ -188,6 +184,7 @@ class ResNet(nn.Module):
         self.zero_init_residual = zero_init_residual
         # Resolve now so a wrong path fails at construction, not at init_weights().
         self.pretrained_path = resolve_pretrained(pretrained, depth)
+        self.pretrained_tensors_loaded = 0
         stem_channels = base_channels if stem_channels is None else stem_channels
 
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False)
@@ -227,21 +224,27 @@ class ResNet(nn.Module):
                     nn.init.zeros_(module.last_norm.bias)
 
     def load_pretrained(self, path):
-        """Copy a ResNet checkpoint into this module; ``fc.*`` is ignored, anything else must match."""
+        """Copy a ResNet checkpoint into this module; ``fc.*`` may be left over, anything else must match.
+
+        Returns the number of tensors loaded (also kept as ``self.pretrained_tensors_loaded``).
+        """
         state_dict = _load_backbone_state_dict(path)
         own_state = self.state_dict()
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith('fc.')}
         unexpected = sorted(set(state_dict) - set(own_state))
         # Old torchvision files have no num_batches_tracked; those keep their fresh value.
         missing = sorted(key for key in set(own_state) - set(state_dict) if not key.endswith('num_batches_tracked'))
-        if unexpected or missing:
-            raise RuntimeError(f'{path} is not a ResNet-{self.depth} checkpoint for this layout: '
-                               f'missing {missing[:3]}..., unexpected {unexpected[:3]}...')
-        for key, value in state_dict.items():
-            if value.shape != own_state[key].shape:
-                raise RuntimeError(f'{path}: {key} has shape {tuple(value.shape)}, '
-                                   f'this ResNet-{self.depth} expects {tuple(own_state[key].shape)}')
+        wrong_shape = [f'{key} {tuple(value.shape)} vs {tuple(own_state[key].shape)}'
+                       for key, value in state_dict.items() if key in own_state and value.shape != own_state[key].shape]
+        if unexpected or missing or wrong_shape:
+            raise PretrainedWeightsError(
+                f'{path} is not a ResNet-{self.depth} checkpoint of this layout: {len(missing)} missing keys '
+                f'{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong_shape)} shape '
+                f'mismatches (file vs model) {wrong_shape[:3]}; pass a torchvision-layout ResNet-{self.depth} file '
+                f'or --pretrained none')
         self.load_state_dict(state_dict, strict=False)
+        self.pretrained_tensors_loaded = len(state_dict)
+        return len(state_dict)
 
     def _freeze_stages(self):
         if self.frozen_stages >= 0:

@@ -32,10 +32,7 @@ class MatrixVT_Exp(BEVDepthLightningModel):
     """The reference MatrixVT_Exp: the base configs with MatrixVT_Det and CBGS."""
 
     default_lr_schedule = 'multistep'
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.data_use_cbgs = True
+    default_use_cbgs = True  # the reference MatrixVT_Exp sets data_use_cbgs = True
 
     def build_model(self):
         # The reference first built a BaseBEVDepth and then replaced its backbone; building MatrixVT_Det

@@ -124,6 +124,8 @@ class MatrixVTTinyExp(BEVDepthLightningModel):
 
     default_lr_schedule = TINY_SETTINGS['cli_defaults']['lr_schedule']  # used when built outside the CLI
     default_channels_last = True  # oneDNN convolutions on CPU: ~14 % faster training steps (measured)
+    default_pretrained = 'none'  # half-width ResNet-18: no ImageNet file of this layout exists
+    default_use_cbgs = TINY_SETTINGS['use_cbgs']
 
     def __init__(self, final_dim=tiny.FINAL_DIM, head_channels=TINY_SETTINGS['cli_defaults']['head_channels'],
                  img_base_channels=TINY_SETTINGS['cli_defaults']['img_base_channels'],
@@ -159,7 +161,6 @@ class MatrixVTTinyExp(BEVDepthLightningModel):
         super().__init__(**kwargs)
         self.save_hyperparameters('final_dim', 'head_channels', 'img_base_channels', 'downsample_factor',
                                   'bev_cell', 'resize_lim', 'ida_aug', 'ida_flip', 'bda_aug')
-        self.data_use_cbgs = TINY_SETTINGS['use_cbgs']
 
     @staticmethod
     def add_model_specific_args(parser):

@@ -6,6 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
+from bevdepth.layers.backbones.imagenet_weights import PretrainedWeightsError
 from bevdepth.layers.backbones.resnet import BasicBlock, Bottleneck, ResNet
 
 FIXTURE_KEYS = pathlib.Path(__file__).resolve().parents[2] / 'fixtures' / 'matrixvt_state_dict.txt'
@@ -69,16 +70,25 @@ def test_loads_torchvision_resnet50_and_reproduces_its_features(tmp_path):
     assert [o.shape[1] for o in outs] == [256, 512, 1024, 2048]
 
 
-def test_torchvision_weights_come_only_from_local_hub_cache(tmp_path, monkeypatch):
+def test_torchvision_weights_are_the_v1_file_of_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match='resnet18-f37072fd.pth'):
+
+    def no_network(url, dst, hash_prefix=None, progress=True):
+        raise OSError('network blocked in tests')
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    with pytest.raises(PretrainedWeightsError, match='resnet18-f37072fd.pth'):
         ResNet(depth=18, pretrained='torchvision')
-    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'checkpoints').mkdir(exist_ok=True)  # the failed download made it
+    # torchvision's default (V2) file of another recipe is never taken for the V1 one.
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / 'checkpoints' / 'resnet18-v2.pth')
+    with pytest.raises(PretrainedWeightsError, match='resnet18-f37072fd.pth'):
+        ResNet(depth=18, pretrained='torchvision')
     torch.manual_seed(1)
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / 'checkpoints' / 'resnet18-f37072fd.pth')
     model = ResNet(depth=18, pretrained='torchvision')
-    model.init_weights()
+    assert model.init_weights() is None and model.pretrained_tensors_loaded == 120  # fc.* left over
     assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
 
@@ -86,9 +96,20 @@ def test_wrong_checkpoint_and_bad_arguments_raise(tmp_path):
     path = tmp_path / 'r18.pth'
     torch.save({'state_dict': torchvision.models.resnet18(weights=None).state_dict()}, path)
     model = ResNet(depth=34, pretrained=str(path))
-    with pytest.raises(RuntimeError, match='not a ResNet-34 checkpoint'):
+    with pytest.raises(PretrainedWeightsError, match=r'not a ResNet-34 checkpoint of this layout: 80 missing keys'):
         model.init_weights()
-    with pytest.raises(FileNotFoundError, match='does not exist'):
+    extra = torchvision.models.resnet18(weights=None).state_dict()
+    extra['layer5.weight'] = torch.zeros(1)
+    extra['conv1.weight'] = torch.zeros(64, 3, 3, 3)
+    torch.save(extra, path)
+    with pytest.raises(PretrainedWeightsError, match=r"1 unexpected keys \['layer5.weight'\], 1 shape mismatches "
+                                                     r"\(file vs model\) \['conv1.weight \(64, 3, 3, 3\) vs "):
+        ResNet(depth=18, pretrained=str(path)).init_weights()
+    path.write_bytes(b'PK\x03\x04 truncated download')
+    with pytest.raises(PretrainedWeightsError, match='cannot be read'):
+        ResNet(depth=18, pretrained=str(path)).init_weights()
+    assert ResNet(depth=18, pretrained='none').pretrained_path is None
+    with pytest.raises(PretrainedWeightsError, match='does not exist'):
         ResNet(depth=18, pretrained=str(tmp_path / 'missing.pth'))
     with pytest.raises(ValueError, match='invalid ResNet depth'):
         ResNet(depth=42)
