@@ -1,4 +1,5 @@
-"""Exponential moving average (EMA) of the model weights, as in the reference (spec upstream-facts.md G.3).
+"""Exponential moving average (EMA) of the model weights, as in the reference (upstream
+``bevdepth/callbacks/ema.py`` ``ModelEMA`` / ``EMACallback``).
 
 Reference behaviour reproduced:
 - the EMA model is a copy of the LightningModule's ``.model`` taken when fitting starts;

@@ -1,7 +1,8 @@
 """BEV-data augmentation (bda): rotate / scale / flip the GT boxes and return the matching 4x4 matrix.
 
-Spec upstream-facts.md E.4 "BDA". The model applies ``bda_mat`` to its BEV geometry, so boxes and features
-stay aligned. Arithmetic is float32 torch, in the reference's order.
+Upstream ``bevdepth/datasets/nusc_det_dataset.py`` ``bev_transform`` / ``NuscDetDataset.sample_bda_augmentation``. The
+model applies ``bda_mat`` to its BEV geometry, so boxes and features stay aligned. Arithmetic is float32 torch, in the
+reference's order.
 """
 import numpy as np
 import torch

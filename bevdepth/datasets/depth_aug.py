@@ -1,4 +1,5 @@
-"""Depth-map ground truth under the image augmentation (spec upstream-facts.md E.2 step 5)."""
+"""Depth-map ground truth under the image augmentation (upstream ``depth_transform`` in
+``bevdepth/datasets/nusc_det_dataset.py``)."""
 import numpy as np
 
 # The reference casts pixel coordinates to int16; a value beyond this would wrap around into the image.

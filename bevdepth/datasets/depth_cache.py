@@ -1,9 +1,10 @@
-"""Per-camera depth GT cache (upstream-facts E.3): ``<data_root>/depth_gt/<image file name>.bin``.
+"""Per-camera depth GT cache ``<data_root>/depth_gt/<image file name>.bin``.
 
-Each file holds float32 rows [u, v, depth] (flattened) of the key-frame LiDAR points visible in that camera, in
-original-image pixels, exactly ``depth_projection.project_lidar_to_image``. ``write_depth_cache`` fills the
-cache for every sample of some info files: resumable (complete files are skipped), atomic (temp + rename, so
-a killed run never leaves a truncated file under a final name) and optionally with a process pool.
+The layout is the one the Ascend port's ``scripts/gen_depth_gt.py`` writes. Each file holds float32 rows [u, v, depth]
+(flattened) of the key-frame LiDAR points visible in that camera, in original-image pixels, exactly
+``depth_projection.project_lidar_to_image``. ``write_depth_cache`` fills the cache for every sample of some info
+files: resumable (complete files are skipped), atomic (temp + rename, so a killed run never leaves a truncated file
+under a final name) and optionally with a process pool.
 """
 import os
 import pathlib

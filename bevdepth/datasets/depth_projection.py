@@ -1,4 +1,5 @@
-"""LiDAR -> camera projection for depth GT (upstream-facts E.2), vectorised numpy.
+"""LiDAR -> camera projection for depth GT (upstream ``map_pointcloud_to_image`` in
+``bevdepth/datasets/nusc_det_dataset.py``), vectorised numpy.
 
 The chain is the devkit's ``map_pointcloud_to_image``: lidar -> ego (lidar calibrated_sensor) -> global (lidar
 ego_pose) -> ego at the camera's timestamp (inverse camera ego_pose) -> camera (inverse camera

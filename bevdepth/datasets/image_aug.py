@@ -1,10 +1,11 @@
 """Image-data augmentation (ida): parameter sampling, the 4x4 ida matrix and the image pipeline.
 
-Reference behaviour (spec upstream-facts.md E.4): per camera, sample (resize, resize_dims, crop, flip,
+Reference behaviour (upstream ``bevdepth/datasets/nusc_det_dataset.py``, ``NuscDetDataset.sample_ida_augmentation``
+and ``img_transform``): per camera, sample (resize, resize_dims, crop, flip,
 rotate); the image is resized (PIL bicubic, antialiased), cropped (zero fill outside), optionally flipped
 left-right, rotated counter-clockwise about its centre (nearest, no expand), then normalised by
 ``mmcv.imnormalize(np.array(pil_rgb), mean, std, to_rgb=True)``. Because the PIL array is already RGB,
-``to_rgb=True`` swaps it to **BGR** before the RGB ImageNet mean/std are applied channel-wise (spec J.2).
+``to_rgb=True`` swaps it to **BGR** before the RGB ImageNet mean/std are applied channel-wise.
 We keep that quirk: the network's channel 0 is blue, normalised with mean 123.675 / std 58.395.
 
 Two implementations of the pixel pipeline live here:
@@ -46,7 +47,8 @@ _REDUCED_DECODE_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_CO
 
 
 def sample_ida_augmentation(ida_aug_conf, is_train, rng):
-    """Sample one camera's image augmentation exactly like the reference (spec E.4, incl. int() truncations).
+    """Sample one camera's image augmentation exactly like the reference (``NuscDetDataset.sample_ida_augmentation``,
+    incl. int() truncations).
 
     Args:
         ida_aug_conf (dict): resize_lim, final_dim (fH, fW), rot_lim (degrees), H, W, rand_flip, bot_pct_lim.
@@ -88,7 +90,7 @@ def _check_crop(crop, final_dim):
 
 
 def ida_matrix(resize, crop, flip, rotate, final_dim):
-    """The 4x4 image-augmentation matrix with ``p_aug = ida @ p_orig`` (spec E.4).
+    """The 4x4 image-augmentation matrix with ``p_aug = ida @ p_orig`` (upstream ``img_transform``).
 
     rot = resize * I, tran = -crop[:2]; flip: A = diag(-1, 1), rot = A rot, tran = A tran + (fW, 0);
     rotation R = [[cos, sin], [-sin, cos]] about b = (fW / 2, fH / 2): rot = R rot, tran = R tran + b - R b.
@@ -236,7 +238,7 @@ def fast_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img_conf
         resize (float): sampled resize factor (selects the JPEG DCT reduction of a path).
         resize_dims (newW, newH): size of the resized image, as sampled.
         crop (x1, y1, x2, y2), flip (bool), rotate (degrees CCW): as sampled.
-        img_conf (dict): img_mean, img_std, to_rgb (spec E.4 step 5; True gives BGR channel order).
+        img_conf (dict): img_mean, img_std, to_rgb (True gives BGR channel order, as ``mmcv.imnormalize``).
         image_size (W, H) or None: the full-resolution size of a path's image; only used to pick the
             JPEG DCT reduction (default: assume ``resize`` is the true scale).
         out (numpy.ndarray | None): optional contiguous (3, fH, fW) float32 array to write into.
@@ -272,7 +274,7 @@ def fast_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img_conf
     channels = cv2.split(np.ascontiguousarray(img))  # OpenCV's order: B, G, R
     if not img_conf.get('to_rgb', True):
         channels = channels[::-1]
-    # to_rgb=True: the reference swaps PIL's RGB to BGR, which is OpenCV's order already (spec J.2).
+    # to_rgb=True: the reference swaps PIL's RGB to BGR, which is OpenCV's order already.
     for channel, value, lut in zip(out, channels, _cached_luts(img_conf)):
         cv2.LUT(value, lut, dst=channel)
     return out
@@ -290,7 +292,7 @@ def reference_normalise(img, img_conf=IMG_CONF):
 
 
 def reference_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img_conf=IMG_CONF):
-    """The reference's Pillow pipeline (spec E.4 steps 1-6), the baseline of the fast pipeline.
+    """The reference's Pillow pipeline (upstream ``NuscDetDataset.get_image``), the baseline of the fast pipeline.
 
     Args:
         image: path of an image file or a PIL image; resize is unused by the pixels (only resize_dims

@@ -1,4 +1,5 @@
-"""nuScenes tables -> BEVDepth info files (``nuscenes_infos_{train,val,test}.pkl``, upstream-facts E.1).
+"""nuScenes tables -> BEVDepth info files (``nuscenes_infos_{train,val,test}.pkl``, upstream
+``scripts/gen_info.py``).
 
 One info dict per key-frame sample, scene by scene in ``nusc.scene`` order and in time order within a scene,
 with exactly the reference keys: ``sample_token``, ``timestamp``, ``scene_token``, ``cam_infos``,

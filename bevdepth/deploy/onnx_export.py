@@ -1,16 +1,16 @@
 """ONNX export of MatrixVT_Det and decoding of onnxruntime outputs with the training code's own decoder.
 
-What is exported (spec upstream-facts.md C.0, C.4, C.7): the eval-mode network from the 6 camera images to the
-raw head maps; decoding (top-k, circle NMS) stays in Python and reuses ``BEVDepthHead.get_bboxes``, so ONNX
-boxes go through exactly the code used for the PyTorch evaluation.
+What is exported: the eval-mode network (upstream ``MatrixVT_Det``, whose forward is ``BaseBEVDepth.forward``) from
+the 6 camera images to the raw head maps; decoding (top-k, circle NMS) stays in Python and reuses
+``BEVDepthHead.get_bboxes``, so ONNX boxes go through exactly the code used for the PyTorch evaluation.
 
 Two graph variants:
 
-- ``dynamic_mats=False`` (default): the calibration of one sample is baked in. The ring / ray matrices (spec
-  C.4, binary (1, D, X*Y) and (1, N*W, X*Y)) are computed once in PyTorch and stored as constants through the
-  backbone's ``static_mat`` hook; the 27 DepthNet camera numbers become constants too. Graph input: ``imgs``
-  (1, N, 3, H, W). Valid for every sample with the same matrices (nuScenes: same vehicle log at eval, because
-  the eval ida / bda are fixed and the key-frame sensor2ego is the per-log camera extrinsic).
+- ``dynamic_mats=False`` (default): the calibration of one sample is baked in. The ring / ray matrices
+  (``MatrixVT.get_proj_mat``, binary (1, D, X*Y) and (1, N*W, X*Y)) are computed once in PyTorch and stored as
+  constants through the backbone's ``static_mat`` hook; the 27 DepthNet camera numbers become constants too. Graph
+  input: ``imgs`` (1, N, 3, H, W). Valid for every sample with the same matrices (nuScenes: same vehicle log at eval,
+  because the eval ida / bda are fixed and the key-frame sensor2ego is the per-log camera extrinsic).
 - ``dynamic_mats=True``: the 4x4 matrices are graph inputs too (``sensor2ego_mats``, ``intrin_mats``,
   ``ida_mats`` (1, 1, N, 4, 4), ``bda_mat`` (1, 4, 4)); the ring / ray matrices are built inside the graph by
   the model's own ``get_proj_mat`` (ScatterElements / ScatterND of ones, non-accumulating, which is the
@@ -45,7 +45,8 @@ __all__ = ['HEAD_NAMES', 'MATS_INPUT_NAMES', 'IMAGE_INPUT_NAME', 'DEFAULT_OPSET'
 
 HEAD_NAMES = ('reg', 'height', 'dim', 'rot', 'vel', 'heatmap')
 IMAGE_INPUT_NAME = 'imgs'
-# Matrices the network reads (spec C.3 mlp_input, C.4 get_geometry); sensor2sensor_mats is unused by MatrixVT.
+# Matrices the network reads (DepthNet's 27 mlp_input numbers, the frustum geometry); MatrixVT does not read
+# sensor2sensor_mats.
 MATS_INPUT_NAMES = ('sensor2ego_mats', 'intrin_mats', 'ida_mats', 'bda_mat')
 DEFAULT_OPSET = 19
 DCN_MODES = ('native', 'grid_sample')

@@ -10,9 +10,10 @@ NVIDIA GPUs and CPUs:
 - ``resolve_accelerator()``, ``ddp_backend_for()``, ``synchronize()``, ``autocast_device_type()``,
   ``fused_adamw_or_none()``;
 - ``pin_rank_cpu_affinity()`` - replaces the seed's patched Lightning 1.6.5 ``subprocess_script.py``, which
-  prefixed every DDP child with ``taskset`` (spec upstream-facts.md H.1).
+  prefixed every DDP child with ``taskset`` (``_SubprocessScriptLauncher._call_children_scripts`` in the Ascend
+  port's ``code_for_change/subprocess_script.py``).
 
-torch_npu is never required. Two failure modes seen without the Ascend CANN toolkit (DESIGN.md, "NPU facts"):
+torch_npu is never required. Two failure modes without the Ascend CANN toolkit:
 1. torch_npu installed, no CANN: ``import torch`` itself fails ("Failed to load the backend extension:
    torch_npu") because torch auto-loads device backends. Entry points set ``TORCH_DEVICE_BACKEND_AUTOLOAD=0``
    before importing torch (``disable_backend_autoload()``) and import torch_npu themselves, here.
@@ -402,7 +403,7 @@ def _allowed_cores() -> list[int]:
 def rank_core_block(local_rank: int, local_world_size: int, cores: Optional[list[int]] = None) -> list[int]:
     """The cores rank ``local_rank`` gets: block ``[r*n, r*n+n-1]`` of ``cores`` with n = len // world // 2.
 
-    Same formula as the seed's taskset binding (H.1, ``int(cpu_count() / num_processes / 2)``). The /2 is
+    Same formula as the seed's taskset binding (``int(cpu_count() / num_processes / 2)``). The /2 is
     kept so the 8-rank figures stay comparable: it leaves the upper half of the host's cores to the system,
     the HCCL/runtime threads and the launcher (on the 192-core Ascend hosts: 12 cores per rank). n >= 1; a
     rank beyond the available cores wraps around instead of getting an empty set.
@@ -420,7 +421,7 @@ def rank_core_block(local_rank: int, local_world_size: int, cores: Optional[list
 def pin_rank_cpu_affinity(local_rank: int, local_world_size: int, cores: Optional[list[int]] = None) -> list[int]:
     """Pin this process (and the DataLoader workers it forks later) to its block of cores; returns the block.
 
-    Replaces the seed's patched Lightning launcher that ran each DDP child under ``taskset -c a-b`` (H.1). Unlike
+    Replaces the seed's patched Lightning launcher that ran each DDP child under ``taskset -c a-b``. Unlike
     the seed it also pins rank 0 and uses the cores this process may run on (a container's cpuset), not
     0..cpu_count-1; the pool is passed to the DDP children in ``BEVDEPTH_CPU_POOL``. Where
     ``os.sched_setaffinity`` is missing (macOS, Windows) or refused, it warns and returns [].

@@ -1,10 +1,10 @@
 """Samplers and dataset wrappers that make training order and augmentation reproducible and resumable.
 
 Reference behaviour kept: the training order is Lightning's ``DistributedSampler(shuffle=True, seed)`` with
-``set_epoch`` each epoch (spec upstream-facts.md G.2), which is exactly ``ResumableDistributedSampler`` below;
+``set_epoch`` each epoch (Lightning's default for DDP), which is exactly ``ResumableDistributedSampler`` below;
 evaluation uses ``DistributedSampler(shuffle=False)`` (padded to a multiple of the world size) or plain order.
 
-Added for resume (issue 7):
+For resume:
 - ``ResumableDistributedSampler.resume(epoch, batches_done, batch_size)`` starts the epoch after the batches
   already trained, so a mid-epoch resume neither repeats nor skips samples;
 - ``SeededSampleDataset`` draws each sample's augmentation from a seed derived from (seed, epoch, index), so

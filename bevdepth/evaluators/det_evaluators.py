@@ -1,15 +1,16 @@
 """nuScenes detection evaluator: model outputs -> ``results_nusc.json`` -> official ``DetectionEval``.
 
-Mirrors the reference ``DetNuscEvaluator`` (spec upstream-facts.md section F): boxes are turned into devkit
-``Box`` objects in the (mean-camera) ego frame, rotated and translated to the global frame, given an attribute
-by the reference's speed rule, and written as the nuScenes submission format. ``evaluate`` then runs the
-unmodified devkit ``DetectionEval`` with ``config_factory('detection_cvpr_2019')``.
+Mirrors the reference ``DetNuscEvaluator`` (upstream ``bevdepth/evaluators/det_evaluators.py``): boxes are turned into
+devkit ``Box`` objects in the (mean-camera) ego frame, rotated and translated to the global frame, given an attribute
+by the reference's speed rule, and written as the nuScenes submission format. ``evaluate`` then runs the unmodified
+devkit ``DetectionEval`` with ``config_factory('detection_cvpr_2019')``.
 
 Differences from the reference, all about robustness (results are unchanged):
 - the JSON and the metric files are written atomically (temp file + rename);
-- before calling the devkit we check that the prediction tokens equal the split's tokens and that at least one
-  box was predicted, and stop with one clear line instead of the devkit's bare ``AssertionError`` /
-  ``Exception: Error: Invalid box type: None`` (spec nuscenes-devkit-facts.md section 0 and 4.2).
+- before calling the devkit we check that the prediction tokens equal the split's tokens and that at least one box was
+  predicted, and stop with one clear line instead of the devkit's bare ``AssertionError`` /
+  ``Exception: Error: Invalid box type: None`` (nuscenes-devkit ``DetectionEval.__init__`` and
+  ``EvalBoxes.deserialize``).
 """
 import os
 import shutil
@@ -61,7 +62,10 @@ DEFAULT_MODALITY = dict(use_lidar=False, use_camera=True, use_radar=False, use_m
 
 
 def attribute_for(name, speed):
-    """The reference attribute rule (spec F): speed in m/s of the box in the global frame."""
+    """The reference attribute rule (upstream ``DetNuscEvaluator._format_bbox``).
+
+    ``speed``: speed in m/s of the box in the global frame.
+    """
     if speed > MOVING_SPEED:
         if name in ('car', 'construction_vehicle', 'bus', 'truck', 'trailer'):
             return 'vehicle.moving'
@@ -80,7 +84,7 @@ def boxes_to_global_entries(boxes, scores, labels, img_meta, class_names):
 
     Args:
         boxes: (n, >=9) array [x, y, z (box centre), l, w, h, yaw, vx, vy] in the sample's ego frame
-            (the mean pose of the 6 cameras, spec E.4).
+            (the mean pose of the 6 cameras).
         scores: (n,) array.
         labels: (n,) int array, index into ``class_names``.
         img_meta: dict with 'token', 'ego2global_translation' (3,), 'ego2global_rotation' (4, w x y z; the

@@ -1,4 +1,4 @@
-"""BEVDepth detector: LSS view-transform backbone + BEVDepthHead (spec C.0, C.5)."""
+"""BEVDepth detector: LSS view-transform backbone + BEVDepthHead (upstream ``bevdepth/models/base_bev_depth.py``)."""
 from torch import nn
 
 from bevdepth.layers.backbones.base_lss_fpn import BaseLSSFPN

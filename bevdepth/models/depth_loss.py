@@ -1,4 +1,5 @@
-"""Depth supervision of BEVDepth / MatrixVT (spec C.7 "Depth loss", pitfall J.8).
+"""Depth supervision of BEVDepth / MatrixVT (upstream ``bevdepth/exps/nuscenes/base_exp.py``
+``BEVDepthLightningModel.get_depth_loss`` / ``get_downsampled_gt_depth``).
 
 The LiDAR depth map of each camera is cut into ``downsample_factor`` x ``downsample_factor`` patches; each patch
 is labelled with its minimum non-zero depth, binned into the depth-net's D bins (bin j covers

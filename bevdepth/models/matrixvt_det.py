@@ -1,4 +1,4 @@
-"""MatrixVT detector: BEVDepth with the MatrixVT view transformer (spec C.0, C.4)."""
+"""MatrixVT detector: BEVDepth with the MatrixVT view transformer (upstream ``bevdepth/models/matrixvt_det.py``)."""
 from bevdepth.layers.backbones.matrixvt import MatrixVT
 from bevdepth.models.base_bev_depth import BaseBEVDepth
 

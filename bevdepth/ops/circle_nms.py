@@ -1,4 +1,5 @@
-"""Greedy circle NMS on BEV centres (mmdet3d ``circle_nms`` semantics, spec C.7 step 3).
+"""Greedy circle NMS on BEV centres (mmdet3d ``circle_nms`` semantics, as called by
+upstream BEVDepth ``bevdepth/layers/heads/bev_depth_head.py`` ``BEVDepthHead.get_bboxes``).
 
 Boxes are visited in descending score order; a kept box suppresses every later box whose squared centre
 distance is ``<= thresh`` (so ``thresh`` is in m^2). The reference runs a numba double loop on the CPU; here

@@ -1,6 +1,7 @@
 """Deformable convolution (DCNv1) with mmcv's ``DeformConv2dPack`` parameter layout, no compiled mmcv ops.
 
-The reference builds ``DepthNet.depth_conv[4]`` as mmcv ``DCN`` = ``DeformConv2dPack`` (spec C.3, D):
+The reference builds ``DepthNet.depth_conv[4]`` as mmcv ``DCN`` = ``DeformConv2dPack`` (upstream
+``bevdepth/layers/backbones/base_lss_fpn.py`` ``DepthNet``, through ``mmcv.cnn.build_conv_layer``):
 a ``weight`` of shape (out, in / groups, k, k), no bias, and a ``conv_offset`` Conv2d (with bias,
 zero-initialised) predicting 2 * deform_groups * k * k offset channels laid out per deform group and
 kernel tap as interleaved (dy, dx) -- the same layout as ``torchvision.ops.deform_conv2d``.

@@ -1,4 +1,5 @@
-"""CenterPoint heatmap targets: CornerNet Gaussian radius and Gaussian splatting (mmdet3d semantics, spec C.7).
+"""CenterPoint heatmap targets: CornerNet Gaussian radius and Gaussian splatting (mmdet3d ``gaussian_radius``
+and ``draw_heatmap_gaussian`` semantics).
 
 ``gaussian_radius`` and ``draw_heatmap_gaussian`` reproduce mmdet3d's functions (including its ``/ 2`` instead of
 ``/ (2a)`` in the three quadratic roots). ``draw_heatmap_gaussians`` draws many objects at once with a

@@ -1,4 +1,5 @@
-"""LSS "splat": sum-pool frustum point features into a BEV grid, in plain PyTorch (spec C.5).
+"""LSS "splat": sum-pool frustum point features into a BEV grid, in plain PyTorch (upstream BEVDepth
+``bevdepth/ops/voxel_pooling_train``, used by ``BaseLSSFPN._forward_single_sweep``).
 
 Replaces the reference's CUDA ``voxel_pooling_train`` / ``voxel_pooling_inference`` extensions. Semantics
 match the CUDA kernel: a point with integer voxel coordinates (x, y, z) is kept only if 0 <= x < X,

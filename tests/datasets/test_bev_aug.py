@@ -1,4 +1,4 @@
-"""BEV augmentation (spec E.4 "BDA"): sampling, box transform, the 4x4 matrix and its inverse."""
+"""BEV augmentation (upstream ``bev_transform``): sampling, box transform, the 4x4 matrix and its inverse."""
 import itertools
 import math
 

@@ -1,4 +1,4 @@
-"""Depth GT under image augmentation (spec E.2 step 5)."""
+"""Depth GT under image augmentation (upstream ``depth_transform``)."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
-"""Depth GT cache (upstream-facts E.3): naming, exact agreement with online projection, resume, pool, atomicity."""
+"""Depth GT cache (Ascend ``gen_depth_gt.py`` layout): naming, agreement with online projection, resume, pool,
+atomicity."""
 import os
 import pickle
 

@@ -1,5 +1,5 @@
-"""LiDAR -> camera projection (upstream-facts E.2) against the devkit's own map_pointcloud_to_image and a
-direct pyquaternion re-derivation, on real and synthetic data."""
+"""LiDAR -> camera projection (upstream ``map_pointcloud_to_image``) against the devkit's own map_pointcloud_to_image
+and a direct pyquaternion re-derivation, on real and synthetic data."""
 import pickle
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Image augmentation: ida sampling and matrix (spec E.4), OpenCV pipeline vs the Pillow reference."""
+"""Image augmentation: ida sampling and matrix (upstream ``img_transform``), OpenCV pipeline vs the Pillow reference."""
 import cv2
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""gen_info: reference info format (upstream-facts E.1) for every sample, sweep fixes, splits and errors."""
+"""gen_info: info format of upstream ``scripts/gen_info.py`` for every sample, sweep fixes, splits and errors."""
 import json
 import pathlib
 import pickle

@@ -1,5 +1,5 @@
-"""NuscDetDataset: item layout (spec E.4), geometry consistency, depth sources, CBGS (E.6), real data,
-and the data rows of the bad-input table (one-line DataError messages)."""
+"""NuscDetDataset: item layout (upstream ``NuscDetDataset.__getitem__``), geometry consistency, depth sources, CBGS,
+real data, and the data rows of the bad-input table (one-line DataError messages)."""
 import pickle
 
 import cv2
@@ -311,7 +311,7 @@ def test_box_corners_land_where_the_image_shows_them(tmp_path):
 
 def check_box_centres_against_the_devkit(ds, idx, max_pixel_error=4.0):
     """Box centre -> inverse BDA -> sensor2ego / intrin / ida lands where the devkit's global -> camera
-    projection (then the ida) puts it. The GT uses the mean ego pose of the 6 cameras (J.7), the matrices
+    projection (then the ida) puts it. The GT uses the mean ego pose of the 6 cameras, the matrices
     each camera's own pose, so a few pixels of difference remain. Returns the number of in-view centres."""
     from nuscenes.utils.data_classes import Box
     from nuscenes.utils.geometry_utils import view_points
@@ -388,7 +388,7 @@ def test_cbgs_balances_class_frequencies(tmp_path):
     before, after = class_counts(range(len(infos))), class_counts(indices)
     assert before['vehicle.car'] / before['vehicle.bus.rigid'] == pytest.approx(77 / 3)
     assert after['vehicle.car'] / after['vehicle.bus.rigid'] < 5  # much more balanced
-    # Each present class draws int(|idxs_c| * (1/10) / (|idxs_c| / dup)) samples (E.6).
+    # Each present class draws int(|idxs_c| * (1/10) / (|idxs_c| / dup)) samples.
     sizes = {'car': 77, 'bicycle': 6, 'bus': 3, 'barrier': 11}
     dup = sum(sizes.values())
     assert len(indices) == sum(int(n * (0.1 / (n / dup))) for n in sizes.values())
@@ -521,7 +521,7 @@ def _synthetic_dataset(root, split='train', ida_conf=None, **kwargs):
 
 
 def test_synthetic_items_have_the_reference_layout(synthetic_dataroot):
-    """Reference configuration (256 x 704) on the synthetic dataroot: shapes and dtypes of E.4, depth included."""
+    """Reference configuration (256 x 704) on the synthetic dataroot: reference item shapes and dtypes, with depth."""
     train = _synthetic_dataset(synthetic_dataroot, ida_conf=cfg.ida_aug_conf(), return_depth=True)
     train.reseed(0)
     item = train[1]
@@ -552,7 +552,7 @@ def test_cached_and_online_depth_are_equal_through_the_dataset(synthetic_dataroo
 def check_boxes_cover_their_rendered_colour(item, info, instance_colors, ida_conf, frame=0, margin=4):
     """The synthetic writer paints every instance in its own colour (shaded per face). For each GT box that is
     fully in view of frame ``frame`` and whose projection does not touch another box's, take its 8 corners back
-    through inverse BDA, the mean-camera ego frame (J.7) to this camera's key-frame ego frame, sensor2ego
+    through inverse BDA, the mean-camera ego frame to this camera's key-frame ego frame, sensor2ego
     (sweep / previous key camera -> key ego), intrin and ida, and compare their bounding rectangle with the
     bounding rectangle of the pixels of that colour. Objects move between the sample (LiDAR) time and the
     frame's exposure: the box is moved by velocity x dt first (constant-velocity objects).

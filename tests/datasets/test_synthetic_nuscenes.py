@@ -1,5 +1,5 @@
-"""The synthetic nuScenes writer: devkit contract (devkit-facts §8.1), official eval on GT copies, object and
-sensor semantics, rendering geometry, determinism and safe writing."""
+"""The synthetic nuScenes writer: devkit contract (``NuScenes`` + ``DetectionEval`` load it), official eval on GT
+copies, object and sensor semantics, rendering geometry, determinism and safe writing."""
 import hashlib
 import json
 import os

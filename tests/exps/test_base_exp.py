@@ -98,7 +98,7 @@ def test_tiny_demo_starts_heatmaps_from_the_focal_prior_but_reference_head_does_
     torch.manual_seed(0)
     reference_head = MatrixVT_Det(nuscenes.backbone_conf(), nuscenes.head_conf()).head
     bias = reference_head.task_heads[0].heatmap[-1].bias
-    assert bias.abs().max() < 0.5  # PyTorch's default uniform init, as the reference (spec J.3)
+    assert bias.abs().max() < 0.5  # PyTorch's default uniform init, as the reference
 
 
 @pytest.mark.parametrize('downsample_factor, feature_size, neck_strides', [

@@ -1,4 +1,4 @@
-"""BEVDepth's Lift-Splat-Shoot image-to-BEV backbone (spec C.3-C.5); base class of MatrixVT.
+"""BEVDepth's Lift-Splat-Shoot image-to-BEV backbone (upstream ``BaseLSSFPN``); base class of MatrixVT.
 
 Pipeline per sweep: images -> ResNet -> SECONDFPN (one stride-16 map per camera) -> DepthNet (depth bins +
 context) -> lift every feature pixel to D frustum points weighted by its depth probabilities -> sum-pool the
@@ -32,7 +32,7 @@ def create_frustum(final_dim, downsample_factor, d_bound):
 
 
 def frustum_to_ego(frustum, sensor2ego_mat, intrin_mat, ida_mat, bda_mat=None):
-    """Ego-frame xyz of every frustum point (spec C.4).
+    """Ego-frame xyz of every frustum point (upstream ``BaseLSSFPN.get_geometry``).
 
     Args:
         frustum: (D, fH, fW, 4) from ``create_frustum``.

@@ -1,11 +1,12 @@
-"""Camera-aware depth / context network of BEVDepth (spec C.3).
+"""Camera-aware depth / context network of BEVDepth (upstream
+``bevdepth/layers/backbones/base_lss_fpn.py`` ``DepthNet``).
 
 ``DepthNet`` turns the image-neck features of each camera into a categorical depth distribution
 (``depth_channels`` logits) and a context feature (``context_channels``), conditioned on the camera's
 intrinsics, image augmentation, BEV augmentation and extrinsics through 27 "mlp_input" numbers.
 
 Attribute names and registration order reproduce the reference state-dict keys
-(``backbone.depth_net.*`` in spec/matrixvt_state_dict.txt).
+(``backbone.depth_net.*`` of the upstream ``MatrixVT_Det`` state dict).
 """
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ def _init_aspp_weights(module):
 
 
 def get_mlp_input(mats_dict):
-    """The 27 camera-awareness numbers per key-frame camera (spec C.3), shape (B * N, 27).
+    """The 27 camera-awareness numbers per key-frame camera (upstream ``DepthNet.forward``), shape (B * N, 27).
 
     Order: fx, fy, cx, cy; ida (0,0) (0,1) (0,3) (1,0) (1,1) (1,3); bda (0,0) (0,1) (1,0) (1,1) (2,2);
     sensor2ego[:3, :] row-major. ``bda_mat`` (B, 4, 4) defaults to identity when absent.

@@ -1,4 +1,4 @@
-"""SECOND FPN neck (mmdet3d ``SECONDFPN`` with the same keys ``deblocks.i.{0,1}``), spec C.2 / C.6.
+"""SECOND FPN neck (mmdet3d ``SECONDFPN`` with the same keys ``deblocks.i.{0,1}``).
 
 Each input level is brought to a common stride by one up/down-sampling layer + BN(eps 1e-3, momentum 0.01) + ReLU,
 and the levels are concatenated on channels.

@@ -1,4 +1,4 @@
-"""BEVDepth detection head: BEV ResNet trunk + SECONDFPN + CenterPoint task heads (spec C.6, C.7).
+"""BEVDepth detection head: BEV ResNet trunk + SECONDFPN + CenterPoint task heads.
 
 A plain-PyTorch port of BEVDepth's ``BEVDepthHead`` (an mmdet3d ``CenterHead`` subclass) with the reference's
 state-dict keys: ``shared_conv.{conv,bn}``, ``task_heads.T.<name>.{0.conv,0.bn,1}``, ``trunk.*``, ``neck.*``.
@@ -6,7 +6,7 @@ state-dict keys: ``shared_conv.{conv,bn}``, ``task_heads.T.<name>.{0.conv,0.bn,1
 Behaviour kept from the reference because it changes results:
 - head init: only the ConvModule-style convs (``shared_conv.conv``, ``task_heads.*.<name>.0.conv``) get mmcv's
   Kaiming(fan_out) init, which ConvModule applies in its constructor; ``SeparateHead.init_weights`` (heatmap bias
-  -2.19) is never called upstream, so the final convs keep PyTorch's default init (spec J.3);
+  -2.19) is never called upstream, so the final convs keep PyTorch's default init;
 - targets: slot = object index (skipped objects leave holes), int truncation of centres, radius
   ``max(min_radius, int(gaussian_radius))``, dims regressed as logs;
 - losses: Gaussian focal loss on the clipped sigmoid, weighted L1, both averaged by cross-rank means;
@@ -181,7 +181,7 @@ class BEVDepthHead(nn.Module):
                 int(self.train_cfg['grid_size'][1]) // out_size_factor]
 
     def get_targets(self, gt_boxes_list, gt_labels_list):
-        """CenterPoint targets for a batch (spec C.7).
+        """CenterPoint targets for a batch (upstream ``BEVDepthHead.get_targets_single``, per sample).
 
         Args:
             gt_boxes_list: per sample (n_i, 9) [x, y, z, l, w, h, yaw, vx, vy] in the ego frame (metres).
@@ -272,7 +272,7 @@ class BEVDepthHead(nn.Module):
 
     # ------------------------------------------------------------------ loss
     def loss(self, targets, preds_dicts):
-        """Detection loss: sum over tasks of heatmap focal loss + weighted L1 box loss (spec C.7).
+        """Detection loss: sum over tasks of heatmap focal loss + weighted L1 box loss (upstream ``BEVDepthHead.loss``).
 
         Args:
             targets: (heatmaps, anno_boxes, inds, masks) from ``get_targets``.

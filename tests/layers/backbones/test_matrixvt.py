@@ -17,8 +17,9 @@ from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, buil
                                                 cells_to_flat_index, geometry_to_cells, project_dense,
                                                 project_sparse, resolve_projection, ring_ray_from_sparse,
                                                 sparse_from_ring_ray)
-# The reference algorithm (spec C.4) written independently of the code under test: its 7-dim geometry, steps 1-3
-# and the Python loops of steps 4-9, as the benchmark's baseline runs them.
+# The reference algorithm (upstream ``MatrixVT.get_proj_mat``) written independently of the code under test: its
+# 7-dim geometry and cell indices, then the Python loops that fill the ring / ray matrices, as the benchmark's
+# baseline runs them.
 from bevdepth.utils.benchmark import (reference_cells, reference_loop_from_cells,
                                       reference_style_geometry as reference_geometry)
 
@@ -26,7 +27,8 @@ SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[3].parent / 'shared' 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Calibration rigs and augmentation (spec E.4 formulas), all float32 like the dataset's tensors.
+# Calibration rigs and augmentation (upstream ``img_transform`` / ``bev_transform`` formulas), all float32 like the
+# dataset's tensors.
 # ------------------------------------------------------------------------------------------------------------
 
 def real_rig(fixture_dir):

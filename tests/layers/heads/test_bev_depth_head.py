@@ -44,7 +44,7 @@ def _random_boxes(generator, num, extent=50.0):
 
 
 def _loop_targets(head, gt_boxes, gt_labels):
-    """Per-object transcription of the reference ``get_targets_single`` (spec C.7)."""
+    """Per-object transcription of the reference ``get_targets_single``."""
     cfg = head.train_cfg
     size_x = cfg['grid_size'][0] // cfg['out_size_factor']
     size_y = cfg['grid_size'][1] // cfg['out_size_factor']
@@ -141,7 +141,7 @@ def test_init_matches_reference(reference_head):
     weight = head.shared_conv.conv.weight
     expected_std = math.sqrt(2.0 / (weight.shape[0] * 9))
     assert abs(weight.std().item() - expected_std) / expected_std < 0.05
-    # Final convs keep PyTorch's default uniform init: no -2.19 heatmap bias (spec J.3).
+    # Final convs keep PyTorch's default uniform init: no -2.19 heatmap bias, as upstream.
     bound = 1 / math.sqrt(64 * 9)
     for task_head in head.task_heads:
         assert task_head.heatmap[1].bias.abs().max().item() <= bound
