@@ -1,6 +1,6 @@
 """The BEVDepth / MatrixVT LightningModule: configs, model, losses, optimisation, data and evaluation.
 
-Mirrors the reference ``bevdepth/exps/nuscenes/base_exp.py`` (spec upstream-facts.md B, G): the same configs,
+Mirrors the reference ``bevdepth/exps/nuscenes/base_exp.py`` and ``bevdepth/exps/base_cli.py``: the same configs,
 AdamW(lr = per-image lr x batch per device x devices x nodes, weight_decay 1e-7), MultiStepLR([19, 23]) per
 epoch (the Ascend seed; ``lr_schedule='constant'`` gives upstream's constant lr), detection loss + 3.0 x depth
 BCE logged as ``detection_loss`` / ``depth_loss``, evaluation gathered from all ranks in sampler order with
@@ -40,7 +40,7 @@ def gather_in_sampler_order(local_items, dataset_length):
 
     ``DistributedSampler(shuffle=False)`` gives rank r the indices r, r + W, r + 2W, ... of the dataset padded
     to a multiple of W, so interleaving the ranks' lists restores the order; the tail beyond
-    ``dataset_length`` is the padding (spec F step 1).
+    ``dataset_length`` is the padding (upstream ``test_epoch_end`` truncates the same way).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(local_items)[:dataset_length]
@@ -168,7 +168,7 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self.bda_aug_conf = bda_aug_conf or nuscenes_configs.bda_aug_conf()
         self.img_conf = img_conf or dict(nuscenes_configs.IMG_CONF)
 
-        # Data settings of the reference base exp (spec B.2).
+        # Data settings of upstream bevdepth/exps/nuscenes/base_exp.py.
         self.data_use_cbgs = self.default_use_cbgs if use_cbgs is None else bool(use_cbgs)
         self.num_sweeps = 1
         self.sweep_idxes = []

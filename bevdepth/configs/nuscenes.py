@@ -1,4 +1,4 @@
-"""Reference configuration of the MatrixVT / BEVDepth R50 256x704 experiments (spec section B.2).
+"""Reference configuration of the MatrixVT / BEVDepth R50 256x704 experiments (upstream ``bevdepth/exps/nuscenes/base_exp.py``).
 
 Every function returns a fresh dict so callers may edit their copy. The keys are the reference's
 (``backbone_conf``, ``head_conf``, ``ida_aug_conf``, ``bda_aug_conf``); the ``type`` entries of the

@@ -1,4 +1,4 @@
-"""nuScenes multi-camera detection dataset and its collate function (spec upstream-facts.md E.4-E.6, J.7).
+"""nuScenes multi-camera detection dataset and its collate function (upstream ``bevdepth/datasets/nusc_det_dataset.py``).
 
 One item is the reference's list::
 
@@ -44,7 +44,7 @@ from bevdepth.datasets.errors import DataError
 from bevdepth.datasets.image_aug import (fast_image_pipeline, ida_matrix, reference_image_pipeline,
                                          sample_ida_augmentation)
 
-# nuScenes general category -> detection class (spec E.4 "Category map"); 'ignore' is dropped.
+# nuScenes general category -> detection class (upstream ``map_name_from_general_to_detection``); 'ignore' is dropped.
 CATEGORY_TO_DETECTION = {
     'human.pedestrian.adult': 'pedestrian',
     'human.pedestrian.child': 'pedestrian',
@@ -115,7 +115,7 @@ def pose_matrix(pose):
 
 
 def mean_ego_pose(cam_infos, cams):
-    """Element-wise mean ego translation (3,) and quaternion (4,) of the cameras (spec E.4, J.7)."""
+    """Element-wise mean ego translation (3,) and quaternion (4,) of the cameras."""
     rotation = np.mean([cam_infos[cam]['ego_pose']['rotation'] for cam in cams], 0)
     translation = np.mean([cam_infos[cam]['ego_pose']['translation'] for cam in cams], 0)
     return translation, rotation
@@ -132,7 +132,7 @@ def _rotation_matrices(quaternions):
 
 
 def gt_boxes_in_mean_ego(info, cams, classes):
-    """GT boxes of one sample in the mean-camera ego frame (spec E.4 "GT", J.7).
+    """GT boxes of one sample in the mean-camera ego frame (upstream ``NuscDetDataset.get_gt``).
 
     Keeps annotations whose detection class is in ``classes`` and with num_lidar_pts + num_radar_pts > 0.
     Vectorised form of the reference's per-box devkit ``Box.translate(-t).rotate(q_mean.inverse)``: centre and
@@ -170,7 +170,7 @@ def gt_boxes_in_mean_ego(info, cams, classes):
 
 
 def cbgs_sample_indices(infos, classes, rng):
-    """Class-balanced grouping and sampling (spec E.6): each class contributes ~dup / len(classes) draws.
+    """Class-balanced grouping and sampling (upstream ``NuscDetDataset._get_sample_indices``): each class contributes ~dup / len(classes) draws.
 
     class_sample_idxs[c] = samples with >= 1 annotation of class c (no point-count filter);
     dup = sum_c |idxs_c|; each class draws int(|idxs_c| * (1 / len(classes)) / (|idxs_c| / dup)) indices
@@ -194,7 +194,7 @@ def cbgs_sample_indices(infos, classes, rng):
 
 
 class NuscDetDataset(Dataset):
-    """nuScenes camera dataset with the reference's augmentation and item layout (spec E.4).
+    """nuScenes camera dataset with the reference's augmentation and item layout (upstream ``NuscDetDataset``).
 
     Args:
         ida_aug_conf (dict): image augmentation (bevdepth.configs.nuscenes.ida_aug_conf()).
@@ -203,12 +203,12 @@ class NuscDetDataset(Dataset):
         data_root (str | Path): nuScenes dataroot (holds samples/, sweeps/, depth_gt/).
         info_paths (str | Path | list): info pickle(s) written by scripts/gen_info.py.
         is_train (bool): random augmentation and GT when True.
-        use_cbgs (bool): class-balanced resampling of the sample list (E.6).
+        use_cbgs (bool): class-balanced resampling of the sample list.
         num_sweeps (int): kept for config compatibility; frames come from sweep_idxes / key_idxes.
         img_conf (dict): img_mean, img_std, to_rgb (True keeps the reference's BGR input quirk).
         return_depth (bool): also return the key frame's LiDAR depth maps (1, N, fH, fW).
-        sweep_idxes (sequence[int]): camera sweep levels (>= 0) added after each key frame (E.5).
-        key_idxes (sequence[int]): previous key frames (< 0) added after the current one (E.5).
+        sweep_idxes (sequence[int]): camera sweep levels (>= 0) added after each key frame.
+        key_idxes (sequence[int]): previous key frames (< 0) added after the current one.
         use_fusion (bool): the reference's LiDAR-fusion switch; only False is supported.
         depth_source (str): 'cache' reads data_root/depth_gt/<image>.bin (scripts/gen_depth_gt.py),
             'online' projects the LiDAR sweep, 'auto' uses the cache file when it exists.
@@ -274,7 +274,7 @@ class NuscDetDataset(Dataset):
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_first_sample(self, info_path, info):
-        """Fail at construction when an info file does not belong to data_root (spec: bad-input table)."""
+        """Fail at construction when an info file does not belong to data_root (docs/troubleshooting.md)."""
         cams = self.ida_aug_conf['cams']
         missing_cams = [cam for cam in cams if cam not in info['cam_infos']]
         if missing_cams:
@@ -337,7 +337,7 @@ class NuscDetDataset(Dataset):
         return cams
 
     def frame_cam_infos(self, idx, cams):
-        """cam_infos dicts of the frames used for sample ``idx`` (spec E.5): key frames, each followed by
+        """cam_infos dicts of the frames used for sample ``idx`` (as upstream ``NuscDetDataset.__getitem__``): key frames, each followed by
         its sweeps. A key frame outside the scene falls back to ``idx``; a sweep level without all cameras
         falls back to the closest lower level, then to the key frame itself (the reference appended
         nothing there, which changed S)."""
@@ -469,7 +469,7 @@ class NuscDetDataset(Dataset):
 
 
 def collate_fn(data, is_return_depth=False):
-    """Batch dataset items (spec E.4 "collate_fn").
+    """Batch dataset items (upstream ``collate_fn``).
 
     Returns:
         list: [imgs (B, S, N, 3, fH, fW), mats_dict {sensor2ego_mats (B, S, N, 4, 4), intrin_mats,

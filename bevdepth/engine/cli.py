@@ -1,7 +1,7 @@
 """Seed-compatible command line for the experiments, mapped explicitly onto a Lightning 2 ``Trainer``.
 
 The reference built its CLI from ``pl.Trainer.add_argparse_args`` (removed in Lightning 2) plus ``-e -p -b
---seed --ckpt_path`` and the Ascend ``--learning_rate`` (spec upstream-facts.md G.1, B.3). The same flags keep
+--seed --ckpt_path`` (upstream ``bevdepth/exps/base_cli.py`` ``run_cli``) and the Ascend port's ``--learning_rate``. The same flags keep
 working here; each is translated into a Trainer argument below. Usage (from the repository root)::
 
     python exps/nuscenes/MatrixVT/matrixvt_bev_depth_lss_r50_256x704_128x128_24e_ema.py \\
@@ -340,7 +340,7 @@ def progress_bar_enabled(choice):
 
 
 def build_trainer_kwargs(args, kind, devices, precision, extra_trainer_config_args=None):
-    """Lightning 2 Trainer arguments equivalent to the seed's (spec G.1): clip 5, no validation, no sanity run.
+    """Lightning 2 Trainer arguments equivalent to the seed's (upstream ``run_cli``): clip 5, no validation, no sanity run.
 
     Device, strategy and precision come from bevdepth.engine.devices.trainer_device_kwargs: an NPU accelerator
     with hccl DDP and NPU autocast on Ascend, DDP with nccl (GPU) or gloo (CPU) when more than one process runs.

@@ -1,4 +1,4 @@
-"""ResNet with mmdet's (2.x) module names, arguments and init, in plain PyTorch (spec C.1, C.6).
+"""ResNet with mmdet's (2.x) module names, arguments and init, in plain PyTorch (mmdet 2.x ``ResNet``).
 
 Used twice: the image backbone (ResNet-50, frozen stem, optional ImageNet weights) and the BEV trunk inside the
 head (ResNet-18 layout, 80 input channels, 160 base channels, 3 stages, no max-pool). Module names are

@@ -1,4 +1,4 @@
-"""MatrixVT R50 256x704, 128x128 BEV, 24 epochs, EMA, CBGS (spec upstream-facts.md B).
+"""MatrixVT R50 256x704, 128x128 BEV, 24 epochs, EMA, CBGS (upstream ``MatrixVT_Exp`` of the same file name).
 
 Train (8 devices, global batch 64, lr 2e-4):
     python exps/nuscenes/MatrixVT/matrixvt_bev_depth_lss_r50_256x704_128x128_24e_ema.py \\
@@ -14,7 +14,7 @@ import os
 import sys
 
 # With torch_npu installed but no CANN toolkit, torch's automatic backend import breaks `import torch`;
-# bevdepth.engine.devices imports torch_npu itself, guarded (DESIGN.md "NPU facts").
+# bevdepth.engine.devices imports torch_npu itself, guarded (docs/npu.md).
 os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
 
 try:

@@ -9,7 +9,7 @@ import os
 import sys
 
 # With torch_npu installed but no CANN toolkit, torch's automatic backend import breaks `import torch`;
-# bevdepth.engine.devices imports torch_npu itself, guarded (DESIGN.md "NPU facts").
+# bevdepth.engine.devices imports torch_npu itself, guarded (docs/npu.md).
 os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
 
 try:

@@ -18,7 +18,7 @@ import os
 import sys
 
 # With torch_npu installed but no CANN toolkit, torch's automatic backend import breaks `import torch`;
-# bevdepth.engine.devices imports torch_npu itself, guarded (DESIGN.md "NPU facts").
+# bevdepth.engine.devices imports torch_npu itself, guarded (docs/npu.md).
 os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
 
 try:
@@ -226,7 +226,7 @@ def set_bev_cell(backbone_conf, head_conf, bev_cell):
 def init_heatmap_bias(model, bias):
     """Set the bias of every task head's last heatmap conv (CenterPoint's focal-loss prior, sigmoid(-2.19) = 0.1).
 
-    The reference never applies this init (spec J.3: its heatmaps start at sigmoid(~0) = 0.5, so the first hundred
+    The reference never applies this init (upstream ``BEVDepthHead`` never calls ``SeparateHead.init_weights``: its heatmaps start at sigmoid(~0) = 0.5, so the first hundred
     steps only push the background down); the full experiments keep that for fidelity. The tiny demo has only ~800
     steps, so it starts from the prior instead.
     """
