@@ -11,7 +11,6 @@ Changes from the reference (behaviour, not results): no ``.cuda()`` (Lightning m
 non-finite-loss guard, resumable sampling (bevdepth.engine.samplers), RNG states in the checkpoint,
 evaluation errors raised on every rank instead of hanging the others.
 """
-import copy
 from functools import partial
 import os
 import random
@@ -22,16 +21,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from bevdepth.callbacks.nonfinite_guard import DEFAULT_MAX_BAD_STEPS, NonFiniteLossGuard, SkipOptimizerStepMixin
+from bevdepth.callbacks.nonfinite_guard import NonFiniteLossGuard, SkipOptimizerStepMixin
+from bevdepth.configs import derive, settings
 from bevdepth.configs import nuscenes as nuscenes_configs
-from bevdepth.datasets.nusc_det_dataset import IMAGE_BACKENDS
-from bevdepth.engine.cli import LR_SCHEDULES, effective_learning_rate
+from bevdepth.engine.cli import effective_learning_rate
 from bevdepth.engine.errors import CheckpointMismatchError
 from bevdepth.engine.samplers import ResumableDistributedSampler, SeededSampleDataset
 from bevdepth.evaluators.det_evaluators import DetNuscEvaluator
+from bevdepth.layers.heads.bev_depth_head import init_heatmap_bias
 
-DEFAULT_LR_PER_IMAGE = 2e-4 / 64
-LR_MILESTONES = [19, 23]  # MultiStepLR of the Ascend seed (gamma 0.1), stepped per epoch
 WEIGHT_DECAY = 1e-7
 
 
@@ -104,72 +102,38 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
     """BEVDepth (LSS, key frame only) experiment; base of the MatrixVT experiment.
 
     Args:
-        batch_size_per_device: samples (of 6 images) per device and step (``-b``).
-        learning_rate: lr per image; lr = learning_rate x batch_size_per_device x world size.
-        data_root: nuScenes dataroot with nuscenes_infos_{train,val,test}.pkl.
-        version: nuScenes version of the tables ('v1.0-trainval' or 'v1.0-mini'); chooses the eval split.
-        num_workers: dataloader workers per process.
-        default_root_dir: run folder (evaluation outputs go here, as in the reference).
-        seed: seed of the training order and of the per-sample augmentation.
-        max_bad_steps: consecutive non-finite-loss steps tolerated before stopping.
-        lr_schedule: 'multistep' (MultiStepLR [19, 23], Ascend seed) or 'constant' (upstream); None = the
-            experiment's ``default_lr_schedule``.
-        eval_batch_size: batch per device for test / predict (default: batch_size_per_device).
-        channels_last: channels-last memory format (None = the experiment's ``default_channels_last``).
-        pretrained: initial weights of the image ResNet: None / 'none' (random init), 'torchvision' (ImageNet
-            IMAGENET1K_V1 from the torch hub cache, downloaded by rank 0 when absent) or a checkpoint path. The
-            command line passes the experiment's ``default_pretrained`` for a fresh training run and None for runs
-            that load a checkpoint.
-        image_backend: 'opencv' (fast, default) or 'pillow' (the reference's PIL bicubic pipeline).
-        use_cbgs: class-balanced grouping and sampling of the training split (None = ``default_use_cbgs``).
-        backbone_conf, head_conf, ida_aug_conf, bda_aug_conf, img_conf, class_names: configs (reference
-            values from bevdepth.configs.nuscenes when None).
+        config: a complete configuration (``bevdepth.configs.settings``; e.g. read back from a checkpoint).
+        **overrides: settings by name (``batch_size_per_device=2``, ``head_channels=16``, ...) over ``config`` or,
+            without it, over the experiment's defaults. Every setting, its default, check and help is in
+            bevdepth/configs/settings.py; an experiment changes defaults in its ``setting_defaults``.
+
+    ``self.config`` holds the resolved configuration (plain types); it is saved in every checkpoint.
     """
 
-    default_lr_schedule = 'multistep'
-    default_channels_last = False  # the reference's contiguous layout; the tiny CPU experiment turns it on
-    default_pretrained = 'torchvision'  # the reference R50 experiments start from ImageNet (IMAGENET1K_V1)
-    default_use_cbgs = False  # the reference base exp; MatrixVT turns it on
+    setting_defaults = {}  # the settings table's defaults are the reference's
 
-    def __init__(self, batch_size_per_device=8, learning_rate=DEFAULT_LR_PER_IMAGE, data_root='data/nuScenes',
-                 version='v1.0-trainval', num_workers=4, default_root_dir='./outputs/', seed=0,
-                 max_bad_steps=DEFAULT_MAX_BAD_STEPS, lr_schedule=None, eval_batch_size=None, channels_last=None,
-                 pretrained=None, image_backend='opencv', use_cbgs=None, backbone_conf=None, head_conf=None, ida_aug_conf=None, bda_aug_conf=None, img_conf=None,
-                 class_names=None):
+    def __init__(self, config=None, **overrides):
         super().__init__()
-        if learning_rate is None or learning_rate <= 0:
-            raise ValueError(f'--learning_rate (per image) must be > 0, got {learning_rate}')
-        if batch_size_per_device < 1:
-            raise ValueError(f'--batch_size_per_device must be >= 1, got {batch_size_per_device}')
-        lr_schedule = lr_schedule or self.default_lr_schedule
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f'lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}')
-        if image_backend not in IMAGE_BACKENDS:
-            raise ValueError(f'--image_backend must be one of {list(IMAGE_BACKENDS)}, got {image_backend!r}')
-        self.save_hyperparameters('batch_size_per_device', 'learning_rate', 'data_root', 'version', 'num_workers',
-                                  'default_root_dir', 'seed', 'max_bad_steps', 'lr_schedule', 'eval_batch_size',
-                                  'pretrained', 'image_backend', 'use_cbgs')
-        self.batch_size_per_device = int(batch_size_per_device)
-        self.eval_batch_size = int(eval_batch_size or batch_size_per_device)
-        self.basic_lr_per_img = float(learning_rate)
-        self.data_root = str(data_root)
-        self.version = version
-        self.num_workers = int(num_workers)
-        self.default_root_dir = str(default_root_dir)
-        self.seed = int(seed)
-        self.lr_schedule = lr_schedule
+        self.config = settings.resolve(type(self), {**(config or {}), **overrides})
+        self.save_hyperparameters(self.config)
+        config = self.config
+        self.batch_size_per_device = config['batch_size_per_device']
+        self.eval_batch_size = config['eval_batch_size'] or self.batch_size_per_device
+        self.basic_lr_per_img = float(config['learning_rate'])
+        self.data_root = str(config['data_root'])
+        self.version = config['version']
+        self.num_workers = config['num_workers']
+        self.default_root_dir = str(config['default_root_dir'] or './outputs/')
+        self.seed = config['seed']
+        self.lr_schedule = config['lr_schedule']
+        self.image_backend = config['image_backend']
 
-        self.class_names = list(class_names or nuscenes_configs.CLASSES)
-        self.backbone_conf = copy.deepcopy(backbone_conf or nuscenes_configs.backbone_conf())
-        self.backbone_conf['img_backbone_conf']['pretrained'] = None if pretrained in (None, 'none') else pretrained
-        self.image_backend = image_backend
-        self.head_conf = head_conf or nuscenes_configs.head_conf()
-        self.ida_aug_conf = ida_aug_conf or nuscenes_configs.ida_aug_conf()
-        self.bda_aug_conf = bda_aug_conf or nuscenes_configs.bda_aug_conf()
-        self.img_conf = img_conf or dict(nuscenes_configs.IMG_CONF)
+        self.class_names = list(nuscenes_configs.CLASSES)
+        self.backbone_conf, self.head_conf, self.ida_aug_conf, self.bda_aug_conf = derive.module_configs(config)
+        self.img_conf = dict(nuscenes_configs.IMG_CONF)
 
         # Data settings of upstream bevdepth/exps/nuscenes/base_exp.py.
-        self.data_use_cbgs = self.default_use_cbgs if use_cbgs is None else bool(use_cbgs)
+        self.data_use_cbgs = config['cbgs']
         self.num_sweeps = 1
         self.sweep_idxes = []
         self.key_idxes = []
@@ -179,17 +143,17 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self.val_info_paths = os.path.join(self.data_root, 'nuscenes_infos_val.pkl')
         # v1.0-mini has no test split: predict on its val infos (the reference always used _test.pkl).
         self.predict_info_paths = os.path.join(
-            self.data_root, 'nuscenes_infos_val.pkl' if version.endswith('mini') else 'nuscenes_infos_test.pkl')
+            self.data_root, 'nuscenes_infos_val.pkl' if self.version.endswith('mini') else 'nuscenes_infos_test.pkl')
         self.predict_output_dir = self.default_root_dir
 
         self.model = self.build_model()
-        use_channels_last = self.default_channels_last if channels_last is None else bool(channels_last)
-        if use_channels_last:  # a speed choice only: same values (up to float summation order)
+        if config['heatmap_prior_bias'] is not None:
+            init_heatmap_bias(self.model.head, config['heatmap_prior_bias'])
+        if config['channels_last']:  # a speed choice only: same values (up to float summation order)
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.depth_loss_fn = self.build_depth_loss()
         self.evaluator = DetNuscEvaluator(class_names=self.class_names, data_root=self.data_root,
                                           version=self.version, output_dir=self.default_root_dir)
-        self.loss_guard = NonFiniteLossGuard(max_bad_steps)
+        self.loss_guard = NonFiniteLossGuard(config['max_bad_steps'])
         self.skipped_optimizer_step = False
         self.metrics = None
         self._eval_outputs = []
@@ -197,14 +161,18 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self._resume_rng_states = None
         self._train_sampler = None
 
+    def load_pretrained_image_backbone(self, source):
+        """Initialise the image ResNet from ``source`` ('torchvision' = ImageNet IMAGENET1K_V1, a path, or
+        None / 'none' for no change); returns the number of tensors loaded. The command line calls it for a new
+        training run only."""
+        if source in (None, 'none'):
+            return 0
+        return self.model.backbone.img_backbone.load_imagenet(source)
+
     # ----------------------------------------------------------------------------------------------- model
     def build_model(self):
         from bevdepth.models.base_bev_depth import BaseBEVDepth
         return BaseBEVDepth(self.backbone_conf, self.head_conf, is_train_depth=True)
-
-    def build_depth_loss(self):
-        from bevdepth.models.depth_loss import DepthLoss
-        return DepthLoss(self.backbone_conf['downsample_factor'], self.backbone_conf['d_bound'])
 
     def forward(self, sweep_imgs, mats_dict, timestamps=None):
         return self.model(sweep_imgs, mats_dict, timestamps)
@@ -221,7 +189,7 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
             detection_loss = detection_loss[0]
         if depth_labels.dim() == 5:
             depth_labels = depth_labels[:, 0]  # only the key frame is depth-supervised
-        depth_loss = self.depth_loss_fn(depth_labels, depth_preds)
+        depth_loss = self.model.get_depth_loss(depth_labels, depth_preds)
         # Shown in the progress bar and logged to TensorBoard (the reference's two scalars).
         self.log('detection_loss', detection_loss, prog_bar=True, batch_size=len(gt_boxes))
         self.log('depth_loss', depth_loss, prog_bar=True, batch_size=len(gt_boxes))
@@ -247,8 +215,8 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         return [optimizer]
 
     def lr_milestones(self):
-        """Epochs at which 'multistep' multiplies the lr by 0.1 (the seed's [19, 23])."""
-        return list(LR_MILESTONES)
+        """Epochs at which 'multistep' multiplies the lr by 0.1 (setting lr_milestones; the seed's [19, 23])."""
+        return derive.lr_milestones(self.config['lr_milestones'], self.config['max_epochs'])
 
     def build_optimizer(self, lr):
         """AdamW(all model parameters, lr, weight_decay 1e-7); torch_npu's fused AdamW on NPU when present."""
@@ -367,6 +335,7 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
                                              'world_size': trainer.world_size,
                                              'batch_size_per_device': self.batch_size_per_device}
         checkpoint['rng_states'] = _rng_states(self.device)
+        checkpoint[settings.CHECKPOINT_KEY] = settings.plain(self.config)  # a copied checkpoint still knows its model
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get('train_sampler_state')

@@ -369,8 +369,8 @@ ROWS = [
         r'^error: checkpoint \S*no_such\.pth does not exist: check --ckpt_path', ERROR),
     Row('checkpoint of another architecture', checkpoint_of_another_architecture,
         r'^error: checkpoint \S*other_arch\.pth does not fit MatrixVTTinyExp \(another architecture or '
-        r"config\?\): \d+ missing keys \['model\.[^']+', .*1 unexpected keys \['model\.other_head\.weight'\], "
-        r"1 shape mismatches \(checkpoint vs model\) \['model\.backbone\.img_backbone\.conv1\.weight", ERROR),
+        r"config\?\): \d+ missing keys \['[^']+', .*1 unexpected keys \['other_head\.weight'\], "
+        r"1 shape mismatches \(checkpoint vs model\) \['backbone\.img_backbone\.conv1\.weight", ERROR),
     Row('prediction tokens do not match the split', prediction_tokens_do_not_match,
         r"^SubmissionMismatchError: prediction tokens do not match split 'mini_val': 1 predicted, \d+ in the split, "
         r"\d+ missing \(e\.g\. .*\), 1 extra \(e\.g\. \['not_a_sample_of_mini_val'\]\)"),
@@ -379,9 +379,9 @@ ROWS = [
     Row('non-square BEV grid for MatrixVT', non_square_bev_grid,
         r'^ValueError: MatrixVT needs a square BEV grid, got 64 x 32 cells'),
     Row('--learning_rate 0', learning_rate_zero,
-        r': error: --learning_rate must be > 0 \(per image\), got 0\.0$', ERROR),
+        r'^error: --learning_rate must be > 0, got 0\.0$', ERROR),
     Row('--learning_rate negative', learning_rate_negative,
-        r': error: --learning_rate must be > 0 \(per image\), got -0\.0002$', ERROR),
+        r'^error: --learning_rate must be > 0, got -0\.0002$', ERROR),
 ]
 
 

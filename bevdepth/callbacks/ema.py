@@ -12,7 +12,7 @@ Reference behaviour reproduced:
   80 samples x 12 epochs) the ramp is still active and d is ~0.4-0.6, which keeps the average close to the
   trained weights -- with a constant 0.999 the EMA of a few hundred steps would still be mostly the random init;
 - at the end of every training epoch the EMA weights are written to ``<trainer.log_dir>/<epoch>.pth`` as
-  ``{'epoch', 'global_step', 'state_dict'}`` with every key prefixed ``model.`` (0.pth ... 23.pth for 24 epochs),
+  ``{epoch, global_step, state_dict, bevdepth_config}``, weights prefixed ``model.`` (0.pth ... 23.pth for 24 epochs),
   which ``-e --ckpt_path <N>.pth`` evaluates.
 
 Improvements over the reference (results unchanged):
@@ -39,6 +39,7 @@ import os
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from bevdepth.configs.settings import CHECKPOINT_KEY, plain
 from bevdepth.utils.io import atomic_torch_save
 
 EMA_DECAY = 0.999
@@ -138,7 +139,11 @@ class EMACallback(Callback):
         """The reference's ``<epoch>.pth`` content: EMA weights with keys prefixed ``model.``, on CPU."""
         state_dict = {'model.' + name: value.detach().cpu().clone()
                       for name, value in self.ema_model.state_dict().items()}
-        return {'epoch': trainer.current_epoch, 'global_step': trainer.global_step, 'state_dict': state_dict}
+        checkpoint = {'epoch': trainer.current_epoch, 'global_step': trainer.global_step, 'state_dict': state_dict}
+        config = getattr(trainer.lightning_module, 'config', None)
+        if config is not None:  # the run's configuration: a copied .pth still knows its model
+            checkpoint[CHECKPOINT_KEY] = plain(config)
+        return checkpoint
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not self.save_epoch_weights or self.ema_model is None:

@@ -1,151 +1,232 @@
 """Seed-compatible command line for the experiments, mapped explicitly onto a Lightning 2 ``Trainer``.
 
-The reference built its CLI from ``pl.Trainer.add_argparse_args`` (removed in Lightning 2) plus ``-e -p -b
---seed --ckpt_path`` (upstream ``bevdepth/exps/base_cli.py`` ``run_cli``) and the Ascend port's ``--learning_rate``. The same flags keep
-working here; each is translated into a Trainer argument below. Usage (from the repository root)::
+The reference built its CLI from Lightning 1.x's ``pl.Trainer.add_argparse_args`` plus ``-e -p -b --seed
+--ckpt_path`` (upstream ``bevdepth/exps/base_cli.py`` ``run_cli``) and the Ascend port's ``--learning_rate``. Here
+every flag comes from one of two homes: the settings table (bevdepth/configs/settings.py: ``--<setting>``, typed,
+checked, with the experiment's default) and the signature of ``pl.Trainer`` (every other Trainer argument as
+``--<name> VALUE``, typed from its annotation); the Trainer arguments the engine must own, and Lightning 1.x names
+that no longer exist, get a one-line error naming the replacement. Usage (from the repository root)::
 
     python exps/nuscenes/MatrixVT/matrixvt_bev_depth_lss_r50_256x704_128x128_24e_ema.py \\
         -b 8 --gpus 8 --amp_backend native --precision 16 --learning_rate 0.000003125 --max_epoch 24 --seed 0
     python exps/.../<exp>.py -e --ckpt_path outputs/<exp_name>/lightning_logs/version_0/23.pth
     python exps/.../<exp>.py -p --ckpt_path <ckpt>          # results_nusc.json next to the checkpoint
     python exps/.../<exp>.py ... --resume auto              # continue the newest checkpoint of the run folder
+    python exps/.../<exp>.py --print_config                 # the resolved configuration as YAML
 
-Outputs: ``<default_root_dir>/lightning_logs/version_N/`` holds the TensorBoard events, the EMA weights
-``<epoch>.pth`` and ``checkpoints/`` (``epoch=E-step=S.ckpt`` of the latest epoch, ``step=S.ckpt`` every
-``--ckpt_every_n_steps``, and ``last.ckpt`` linking to the newest of them). Every file is written to a
-temporary name and renamed.
+Outputs: ``<default_root_dir>/lightning_logs/version_N/`` holds ``config.yaml`` (the run's configuration), the
+TensorBoard events, the EMA weights ``<epoch>.pth`` and ``checkpoints/`` (``epoch=E-step=S.ckpt`` of the latest
+epoch, ``step=S.ckpt`` every ``--ckpt_every_n_steps``, and ``last.ckpt`` linking to the newest of them). Every file
+is written to a temporary name and renamed; every checkpoint carries the configuration, so ``-e`` / ``-p`` rebuild
+the trained model without repeating its flags.
 """
 import argparse
+import difflib
 import glob
+import inspect
 import os
 import re
 import sys
+import typing
 
 import torch
 
+from bevdepth.configs import settings
+from bevdepth.configs.settings import PRECISION_ALIASES, SETTINGS, SETTINGS_BY_NAME, STRUCTURAL, SettingError
 from bevdepth.engine import devices as devices_helpers
-from bevdepth.datasets.nusc_det_dataset import IMAGE_BACKENDS
-from bevdepth.engine.errors import USER_ERRORS, CheckpointMismatchError, UsageError
+from bevdepth.engine.errors import USER_ERRORS, UsageError
+from bevdepth.models import checkpoints
 
-DEFAULT_BATCH_SIZE_PER_DEVICE = 8  # the reference README's -b 8 (the reference flag had no default)
-DEFAULT_LR_PER_IMAGE = 2e-4 / 64
-LR_SCHEDULES = ('multistep', 'constant')  # checked by BEVDepthLightningModel too
-GRADIENT_CLIP_VAL = 5.0
+RUN_CONFIG_FILE = 'config.yaml'
+MODE_FLAGS = ('evaluate', 'predict', 'ckpt_path', 'resume', 'print_config')
 
-PRECISION_ALIASES = {
-    '16': '16-mixed', '16-mixed': '16-mixed', '16-true': '16-true',
-    'bf16': 'bf16-mixed', 'bf16-mixed': 'bf16-mixed', 'bf16-true': 'bf16-true',
-    '32': '32-true', '32-true': '32-true', '64': '64-true', '64-true': '64-true',
+# Trainer arguments the engine sets itself: given on the command line they would break what it relies on.
+ENGINE_OWNED_TRAINER_ARGS = {
+    'logger': 'the engine logs to TensorBoard under <default_root_dir>/lightning_logs',
+    'callbacks': 'the engine adds its callbacks itself (step time, EMA, checkpoints)',
+    'plugins': 'the engine picks the precision and checkpoint-IO plugins (use --precision)',
+    'use_distributed_sampler': 'the engine uses its own seeded, resumable distributed sampler',
+    'enable_checkpointing': 'the engine saves a checkpoint every epoch (and every --ckpt_every_n_steps)',
+    'barebones': 'the engine needs its logger, callbacks and checkpoints',
+    'enable_progress_bar': 'use --progress_bar on|off|auto',
+}
+# Lightning 1.x Trainer arguments (the reference's CLI accepted them) that Lightning 2 removed.
+LIGHTNING_1_ARGS = {
+    'replace_sampler_ddp': 'renamed use_distributed_sampler in Lightning 2, and the engine owns the sampler '
+                           '(seeded and resumable): drop the flag',
+    'terminate_on_nan': 'removed in Lightning 2: here a non-finite loss skips its step and --max_bad_steps N in a '
+                        'row stop the run',
+    'track_grad_norm': 'removed in Lightning 2: log pytorch_lightning.utilities.grad_norm from a callback\'s '
+                       'on_before_optimizer_step',
+    'auto_lr_find': 'removed in Lightning 2: use pytorch_lightning.tuner.Tuner(trainer).lr_find',
+    'auto_scale_batch_size': 'removed in Lightning 2: use pytorch_lightning.tuner.Tuner(trainer).scale_batch_size',
+    'auto_select_gpus': 'removed in Lightning 2: use --devices N (or CUDA_VISIBLE_DEVICES)',
+    'tpu_cores': 'removed in Lightning 2: use --accelerator and --devices',
+    'ipus': 'removed in Lightning 2: use --accelerator and --devices',
+    'num_processes': 'removed in Lightning 2: use --accelerator cpu --devices N',
+    'amp_level': 'removed in Lightning 2 (apex AMP): use --precision 16',
+    'weights_save_path': 'removed in Lightning 2: use --default_root_dir',
+    'flush_logs_every_n_steps': 'removed in Lightning 2: the logger flushes itself',
+    'progress_bar_refresh_rate': 'removed in Lightning 2: use --progress_bar on|off',
+    'process_position': 'removed in Lightning 2: use --progress_bar on|off',
+    'checkpoint_callback': 'removed in Lightning 2, and the engine owns checkpointing (--ckpt_every_n_steps)',
+    'stochastic_weight_avg': 'removed in Lightning 2: add the StochasticWeightAveraging callback in the experiment',
+    'reload_dataloaders_every_epoch': 'removed in Lightning 2: use --reload_dataloaders_every_n_epochs 1',
+    'prepare_data_per_node': 'removed in Lightning 2: set it on a LightningDataModule',
+    'weights_summary': 'removed in Lightning 2: use --enable_model_summary true|false',
+    'log_gpu_memory': 'removed in Lightning 2: add the DeviceStatsMonitor callback',
+    'move_metrics_to_cpu': 'removed in Lightning 2',
+    'multiple_trainloader_mode': 'removed in Lightning 2: use a CombinedLoader',
+    'truncated_bptt_steps': 'removed in Lightning 2',
 }
 
 
-def _limit(value):
-    """--limit_train_batches: an int counts batches, a float is a fraction of the epoch."""
-    number = float(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
-    return int(number) if re.fullmatch(r'\d+', value) else number
+# ------------------------------------------------------------------------------------------------ Trainer flags
+def _annotation_types(annotation):
+    """The leaf types / Literal values of a Trainer annotation, e.g. Optional[int] -> {int, NoneType}."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return set(typing.get_args(annotation))
+    if origin is typing.Union:
+        leaves = set()
+        for arg in typing.get_args(annotation):
+            leaves |= _annotation_types(arg)
+        return leaves
+    return {origin or annotation}
 
 
-def _devices_arg(value):
-    if value == 'auto':
-        return value
-    if not re.fullmatch(r'\d+', value) or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"--devices must be a positive integer or 'auto', got {value!r}")
-    return int(value)
+def trainer_value_parser(name, annotation):
+    """A token parser for the Trainer argument ``name``, typed from its annotation."""
+    leaves = _annotation_types(annotation)
+    literals = {leaf for leaf in leaves if not isinstance(leaf, type)}
+
+    def parse(token):
+        lowered = token.lower()
+        if type(None) in leaves and lowered in ('none', 'null'):
+            return None
+        if bool in leaves and lowered in ('true', 'false'):
+            return lowered == 'true'
+        if int in leaves and re.fullmatch(r'-?\d+', token):
+            return int(token)
+        if float in leaves and re.fullmatch(r'-?(\d+\.?\d*|\.\d+)([eE]-?\d+)?', token):
+            return float(token)
+        if token in literals or (str in leaves):
+            return token
+        for literal in literals:
+            if str(literal) == token:
+                return literal
+        kinds = sorted({leaf.__name__ for leaf in leaves if isinstance(leaf, type)} |
+                       {repr(literal) for literal in literals})
+        raise argparse.ArgumentTypeError(f'--{name} takes {" | ".join(kinds)}, got {token!r}')
+
+    parse.__name__ = name
+    return parse
 
 
-def build_parser(exp_name, model_class=None):
-    """The seed's flags (+ ours); an experiment adds its own with ``add_model_specific_args(parser)``."""
-    parser = argparse.ArgumentParser(
-        prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else exp_name,
-        description=f'Train / evaluate / predict {exp_name} (BEVDepth / MatrixVT, Lightning 2).')
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument('-e', '--evaluate', '--eval', dest='evaluate', action='store_true',
-                      help='evaluate --ckpt_path on the val split with the official nuScenes devkit')
-    mode.add_argument('-p', '--predict', action='store_true',
-                      help='write results_nusc.json for the test infos (val infos for v1.0-mini) next to --ckpt_path')
-    parser.add_argument('-b', '--batch_size_per_device', type=int, default=DEFAULT_BATCH_SIZE_PER_DEVICE,
-                        help=f'samples (6 images each) per device and step (default {DEFAULT_BATCH_SIZE_PER_DEVICE})')
-    parser.add_argument('--eval_batch_size', type=int, default=None,
-                        help='samples per device for -e / -p (default: -b)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--ckpt_path', default=None, help='.ckpt (Lightning) or .pth (EMA weights) for -e / -p')
-    parser.add_argument('--learning_rate', type=float, default=DEFAULT_LR_PER_IMAGE,
-                        help='lr per image; lr = learning_rate x batch per device x devices x nodes '
-                             '(default 2e-4/64 = 3.125e-6, i.e. 2e-4 for -b 8 on 8 devices)')
-    parser.add_argument('--lr_schedule', choices=list(LR_SCHEDULES), default=None,
-                        help="'multistep' = MultiStepLR([19, 23]) per epoch (Ascend seed), 'constant' = upstream; "
-                             'default: the experiment\'s choice')
-    parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
-                        help='keep conv weights / activations in channels-last memory format (measured ~14%% faster '
-                             'training steps on CPU with oneDNN); default: the experiment\'s choice')
-    parser.add_argument('--gpus', type=int, default=None,
-                        help='seed alias: number of accelerator devices (GPU, or NPU when torch_npu is present)')
-    parser.add_argument('--devices', type=_devices_arg, default=None, help="devices per node (int or 'auto')")
-    parser.add_argument('--accelerator', choices=['auto', 'cpu', 'gpu', 'cuda', 'npu'], default='auto')
-    parser.add_argument('--num_nodes', type=int, default=1)
-    parser.add_argument('--precision', default=None, choices=sorted(PRECISION_ALIASES),
-                        help='16 = fp16 mixed precision (native AMP), bf16, 32; default: 16 on GPU / NPU (the '
-                             'reference run), 32 on CPU')
-    parser.add_argument('--pretrained', default=None, metavar='torchvision|none|PATH',
-                        help="initial weights of the image ResNet for a new training run: 'torchvision' = ImageNet "
-                             "IMAGENET1K_V1 (downloaded once into the torch hub cache), 'none' = random init, or a "
-                             "checkpoint file; default: the experiment's choice (torchvision for the R50 "
-                             'experiments). Runs that load a checkpoint (-e, -p, --resume) ignore it')
-    parser.add_argument('--image_backend', choices=list(IMAGE_BACKENDS), default='opencv',
-                        help="image resize / crop / rotate: 'opencv' (faster, default) or 'pillow' (the reference's "
-                             'PIL bicubic pipeline, to evaluate reference checkpoints exactly)')
-    parser.add_argument('--cbgs', action=argparse.BooleanOptionalAction, default=None,
-                        help="class-balanced grouping and sampling of the training split; default: the "
-                             "experiment's choice (on for MatrixVT, as the reference)")
-    parser.add_argument('--amp_backend', default=None,
-                        help='accepted for seed compatibility and ignored: Lightning 2 always uses native AMP')
-    parser.add_argument('--max_epochs', '--max_epoch', dest='max_epochs', type=int, default=24)
-    parser.add_argument('--num_workers', type=int, default=4, help='dataloader workers per process')
-    parser.add_argument('--limit_train_batches', type=_limit, default=1.0)
-    parser.add_argument('--data_root', default='data/nuScenes')
-    parser.add_argument('--version', default='v1.0-trainval', help="nuScenes version: 'v1.0-trainval' or 'v1.0-mini'")
-    parser.add_argument('--ckpt_every_n_steps', type=int, default=0,
-                        help='also save a checkpoint every N optimiser steps (0 = only at epoch ends)')
-    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='auto|PATH',
-                        help='resume training: auto = newest checkpoint under <default_root_dir>/lightning_logs')
-    parser.add_argument('--default_root_dir', default=None, help='run folder (default ./outputs/<exp_name>)')
-    parser.add_argument('--log_every_n_steps', type=int, default=50)
-    parser.add_argument('--bind_cpu_cores', action='store_true',
-                        help='pin each local rank (and its dataloader workers) to its own block of CPU cores')
-    parser.add_argument('--find_unused_parameters', action='store_true',
-                        help='DDP find_unused_parameters (the Lightning 1.6 default; off = faster)')
-    parser.add_argument('--max_bad_steps', type=int, default=20,
-                        help='stop after this many consecutive steps with a non-finite loss (they are skipped)')
-    parser.add_argument('--deterministic', action='store_true', help='torch deterministic algorithms')
-    parser.add_argument('--profiler', choices=['simple', 'advanced'], default=None,
-                        help="Lightning profiler (the reference always used 'simple')")
-    parser.add_argument('--progress_bar', choices=['auto', 'on', 'off'], default='auto',
-                        help='progress bars (tqdm, on stderr); auto = on when stderr is a terminal')
-    parser.set_defaults(model_arg_names=[])
-    if model_class is not None and hasattr(model_class, 'add_model_specific_args'):
-        # The seed's hook (it added nothing there); ours passes every flag it adds to the model's __init__.
-        known = {action.dest for action in parser._actions}
-        model_class.add_model_specific_args(parser)
-        parser.set_defaults(model_arg_names=[action.dest for action in parser._actions if action.dest not in known])
+def passthrough_trainer_arguments():
+    """{name: token parser} of every ``pl.Trainer`` argument that is neither a setting nor owned by the engine."""
+    import pytorch_lightning as pl
+
+    parameters = inspect.signature(pl.Trainer.__init__).parameters
+    return {name: trainer_value_parser(name, parameter.annotation) for name, parameter in parameters.items()
+            if name != 'self' and name not in SETTINGS_BY_NAME and name not in ENGINE_OWNED_TRAINER_ARGS}
+
+
+class _Refuse(argparse.Action):
+    """A flag that stops with one line saying why it cannot be used and what replaces it."""
+
+    def __init__(self, option_strings, dest, reason, **kwargs):
+        self.reason = reason
+        super().__init__(option_strings, dest, nargs='?', **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string}: {self.reason}')
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that name the closest valid flag of a misspelt one."""
+
+    def error(self, message):
+        match = re.match(r'unrecognized arguments: (.*)', message)
+        if match:
+            options = [option for action in self._actions for option in action.option_strings
+                       if action.help is not argparse.SUPPRESS]
+            hints = []
+            for token in match.group(1).split():
+                if token.startswith('-'):
+                    close = difflib.get_close_matches(token.split('=')[0], options, n=1, cutoff=0.6)
+                    hints.append(f'{token} (did you mean {close[0]}?)' if close else token)
+            message = f'unrecognized arguments: {" ".join(hints) or match.group(1)}'
+        self.exit(2, f'error: {message}\n')
+
+
+def _add_setting(group, setting, default):
+    """One flag of the settings table; its default is only shown (absent flags are resolved by settings)."""
+    shown = 'none' if default is None else ' '.join(map(str, default)) if isinstance(default, list) else default
+    kwargs = dict(dest=setting.name, help=f'{setting.help} (default: {shown})')
+    if setting.boolean:
+        kwargs['action'] = argparse.BooleanOptionalAction
+    else:
+        kwargs.update(type=setting.parse, metavar=setting.name.upper())
+        if setting.nargs:
+            kwargs['nargs'] = setting.nargs
+        if setting.choices is not None and None not in setting.choices:
+            kwargs.update(choices=list(setting.choices), metavar=None)
+    group.add_argument(setting.flag, *setting.aliases, **kwargs)
+
+
+def build_parser(exp_name, model_class=None, defaults=None):
+    """Mode flags, one flag per setting (bevdepth/configs/settings.py), one per pass-through Trainer argument."""
+    shown_defaults = settings.experiment_defaults(model_class or object)
+    shown_defaults.update(defaults or {})
+    parser = _Parser(prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else exp_name,
+                     description=f'Train / evaluate / predict {exp_name} (BEVDepth / MatrixVT, Lightning 2).',
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    mode = parser.add_argument_group('mode')
+    exclusive = mode.add_mutually_exclusive_group()
+    exclusive.add_argument('-e', '--evaluate', '--eval', dest='evaluate', action='store_true',
+                           help='evaluate --ckpt_path on the val split with the official nuScenes devkit')
+    exclusive.add_argument('-p', '--predict', action='store_true',
+                           help='write results_nusc.json for the test infos (val for v1.0-mini) next to --ckpt_path')
+    mode.add_argument('--ckpt_path', help='.ckpt (Lightning) or .pth (EMA weights) for -e / -p')
+    mode.add_argument('--resume', nargs='?', const='auto', metavar='auto|PATH',
+                      help='resume training: auto = newest checkpoint under <default_root_dir>/lightning_logs')
+    mode.add_argument('--resume_from_checkpoint', dest='resume', metavar='PATH',
+                      help='the Lightning 1.x name of --resume PATH')
+    mode.add_argument('--print_config', action='store_true', help='print the resolved configuration and exit')
+    for group_name in settings.GROUPS:
+        group = parser.add_argument_group(f'{group_name} settings')
+        for setting in SETTINGS:
+            if setting.group == group_name:
+                _add_setting(group, setting, shown_defaults[setting.name])
+    trainer_group = parser.add_argument_group('other pl.Trainer arguments (passed through; see Lightning docs)')
+    for name, parse in passthrough_trainer_arguments().items():
+        trainer_group.add_argument(f'--{name}', dest=f'trainer.{name}', type=parse, metavar='VALUE')
+    for name, reason in {**ENGINE_OWNED_TRAINER_ARGS, **LIGHTNING_1_ARGS}.items():
+        parser.add_argument(f'--{name}', action=_Refuse, reason=reason, help=argparse.SUPPRESS)
     return parser
 
 
 def parse_args(exp_name, argv=None, defaults=None, model_class=None):
-    parser = build_parser(exp_name, model_class)
-    if defaults:
-        unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
-        if unknown:
-            raise ValueError(f'unknown CLI defaults {unknown}')
-        parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    if args.learning_rate <= 0:
-        parser.error(f'--learning_rate must be > 0 (per image), got {args.learning_rate}')
-    if args.batch_size_per_device < 1:
-        parser.error(f'--batch_size_per_device must be >= 1, got {args.batch_size_per_device}')
-    if args.num_nodes < 1 or args.max_epochs < 1 or args.num_workers < 0 or args.ckpt_every_n_steps < 0:
-        parser.error('--num_nodes and --max_epochs must be >= 1, --num_workers and --ckpt_every_n_steps >= 0')
+    """Parsed flags: every setting resolved (given > ``defaults`` > the experiment's > the table's), the mode flags,
+    ``trainer_args`` (pass-through Trainer arguments given), ``given_settings`` (names given on the command line)
+    and ``config`` (the resolved configuration dict)."""
+    unknown = sorted(set(defaults or {}) - set(SETTINGS_BY_NAME))
+    if unknown:
+        raise ValueError(f'unknown CLI defaults {unknown}')
+    parser = build_parser(exp_name, model_class, defaults)
+    namespace = vars(parser.parse_args(argv))
+    given = {name: namespace[name] for name in SETTINGS_BY_NAME if name in namespace}
+    try:
+        config = settings.resolve(model_class or object, {**(defaults or {}), **given})
+    except SettingError as error:
+        parser.error(str(error))
+    args = argparse.Namespace(**config)
+    args.config = config
+    args.given_settings = sorted(given)
+    args.trainer_args = {key[len('trainer.'):]: value for key, value in namespace.items() if key.startswith('trainer.')}
+    for name in MODE_FLAGS:
+        setattr(args, name, namespace.get(name, False if name in ('evaluate', 'predict', 'print_config') else None))
     if (args.evaluate or args.predict) and not args.ckpt_path:
         parser.error('-e/--evaluate and -p/--predict need --ckpt_path <.ckpt or .pth>')
     if (args.evaluate or args.predict) and args.resume:
@@ -154,13 +235,12 @@ def parse_args(exp_name, argv=None, defaults=None, model_class=None):
         args.gpus = None
         if args.accelerator == 'auto':
             args.accelerator = 'cpu'
-    if args.gpus is not None and args.gpus < 0:
-        parser.error(f'--gpus must be >= 0, got {args.gpus}')
     if args.gpus is not None and args.devices is not None and args.gpus != args.devices:
         parser.error(f'--gpus {args.gpus} and --devices {args.devices} disagree; give one of them')
     return args
 
 
+# ------------------------------------------------------------------------------------------------ resolution
 def resolve_accelerator(requested, gpus):
     """The device kind the run uses: 'npu', 'cuda' or 'cpu' ('auto': NPU if torch_npu works, else CUDA, else CPU).
 
@@ -171,18 +251,6 @@ def resolve_accelerator(requested, gpus):
         raise UsageError(f'--gpus {gpus} given but neither a GPU (CUDA) nor an NPU (torch_npu) is usable '
                            f'here: use --accelerator cpu --devices N to run N CPU processes')
     return kind
-
-
-def resolve_devices(args, kind):
-    """Number of devices per node as an int."""
-    devices = args.devices if args.devices is not None else args.gpus
-    if devices in (None, 'auto'):
-        if kind == 'cuda':
-            return torch.cuda.device_count()
-        if kind == 'npu':
-            return devices_helpers.NPUAccelerator.auto_device_count()
-        return 1
-    return int(devices)
 
 
 def resolve_precision(precision, kind):
@@ -200,29 +268,43 @@ def effective_learning_rate(lr_per_image, batch_size_per_device, world_size):
     return lr_per_image * batch_size_per_device * world_size
 
 
-def resolve_pretrained_source(pretrained, model_class, loads_checkpoint):
-    """The image backbone's initial weights: ``--pretrained`` or the experiment's ``default_pretrained`` for a new
-    training run; None when the run loads a checkpoint, whose weights replace the initial ones anyway."""
-    if loads_checkpoint:
-        if pretrained not in (None, 'none'):
-            _print_rank_zero(f'note: --pretrained {pretrained} ignored: this run takes its weights from a checkpoint')
-        return None
-    source = pretrained if pretrained is not None else getattr(model_class, 'default_pretrained', None)
-    return None if source in (None, 'none') else source
+def pretrained_source(config, loads_checkpoint):
+    """The image backbone's initial weights for this run: the ``pretrained`` setting for a new training run; None
+    when the run loads a checkpoint, whose weights replace the initial ones anyway."""
+    source = config['pretrained']
+    return None if loads_checkpoint or source in (None, 'none') else source
 
 
-def describe_pretrained(model):
+def describe_pretrained(network):
     """'none (random init)' or where the image ResNet's weights came from and how many tensors were loaded."""
     from bevdepth.layers.backbones.resnet import ResNet
 
-    loaded = [module for module in model.modules() if isinstance(module, ResNet) and module.pretrained_path]
+    loaded = [module for module in network.modules() if isinstance(module, ResNet) and module.pretrained_path]
     if not loaded:
         return 'none (random init)'
     return '; '.join(f'{module.pretrained_path} ({module.pretrained_tensors_loaded} tensors loaded, fc.* not used)'
                      for module in loaded)
 
 
-def recipe_lines(args, mode, kind, devices, precision, model, use_ema):
+def merge_saved_config(config, given, saved, path):
+    """``config`` with the structural settings of a checkpoint's saved configuration (the model it holds).
+
+    A structural flag given on the command line wins, with a warning naming both values when they differ.
+    """
+    merged = dict(config)
+    for name in STRUCTURAL:
+        if name not in saved:
+            continue
+        if name in given:
+            if saved[name] != config[name]:
+                _print_rank_zero(f'warning: --{name} {config[name]} given, but {path} was trained with {saved[name]}; '
+                                 f'using {config[name]}', file=sys.stderr)
+        else:
+            merged[name] = saved[name]
+    return merged
+
+
+def recipe_lines(args, mode, kind, devices, precision, model):
     """The settings that decide what a run computes, one per line (printed at start by rank 0)."""
     world_size = devices * args.num_nodes
     precision_origin = ' (default on this device)' if args.precision is None else ''
@@ -232,19 +314,36 @@ def recipe_lines(args, mode, kind, devices, precision, model, use_ema):
              f'  image backend    {model.image_backend}']
     if mode == 'train':
         lr = effective_learning_rate(model.basic_lr_per_img, model.batch_size_per_device, world_size)
+        accumulate = args.trainer_args.get('accumulate_grad_batches', 1)
         lines += [
             f'  learning rate    {model.basic_lr_per_img:.6g} per image x {model.batch_size_per_device} per device x '
             f'{world_size} devices = {lr:.6g} (global batch {model.batch_size_per_device * world_size})',
-            f'  batch per device {model.batch_size_per_device}',
-            f'  epochs           {args.max_epochs}, lr schedule {model.lr_schedule}',
+            f'  batch per device {model.batch_size_per_device}' +
+            (f', {accumulate} micro-batches per optimiser step' if accumulate != 1 else ''),
+            f'  epochs           {args.max_epochs}, lr schedule {model.lr_schedule}' +
+            (f' (x0.1 at epochs {model.lr_milestones()})' if model.lr_schedule == 'multistep' else ''),
             f'  pretrained       {describe_pretrained(model.model)}',
-            f"  EMA              {'on' if use_ema else 'off'}",
+            f"  EMA              {'on' if args.ema else 'off'}",
             f"  CBGS             {'on' if model.data_use_cbgs else 'off'}",
-            f'  gradient clip    {GRADIENT_CLIP_VAL}',
+            f'  gradient clip    {args.gradient_clip_val or "off"}',
         ]
     else:
         lines.append(f'  batch per device {model.eval_batch_size}')
+    if args.trainer_args:
+        lines.append('  Trainer          ' + ', '.join(f'{k}={v}' for k, v in sorted(args.trainer_args.items())))
     return lines
+
+
+def resolve_devices(args, kind):
+    """Number of devices per node as an int."""
+    devices = args.devices if args.devices is not None else args.gpus
+    if devices in (None, 'auto'):
+        if kind == 'cuda':
+            return torch.cuda.device_count()
+        if kind == 'npu':
+            return devices_helpers.NPUAccelerator.auto_device_count()
+        return 1
+    return int(devices)
 
 
 def find_latest_checkpoint(root_dir):
@@ -268,47 +367,6 @@ def version_of_checkpoint(path, root_dir):
             os.path.abspath(logs_dir) == os.path.abspath(os.path.join(root_dir, 'lightning_logs')):
         return int(match.group(1))
     return None
-
-
-def load_checkpoint_state_dict(path):
-    """The ``state_dict`` of a Lightning .ckpt or an EMA .pth, without loading the rest into memory."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist: check --ckpt_path / --resume')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError:  # not the zip format (legacy torch.save): mmap unsupported
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        raise CheckpointMismatchError(f"{path} is not a BEVDepth checkpoint: expected a dict with 'state_dict' "
-                                      f'(a Lightning .ckpt or an EMA <epoch>.pth)')
-    return checkpoint['state_dict']
-
-
-def check_state_dict_matches(state_dict, lightning_module, path):
-    """Raise a one-line ValueError naming the first mismatching keys if ``state_dict`` is another architecture.
-
-    Only the network weights (keys ``model.*``) are compared: they are what a .pth holds.
-    """
-    expected = {name: tuple(value.shape) for name, value in lightning_module.state_dict().items()
-                if name.startswith('model.')}
-    given = {name: tuple(value.shape) for name, value in state_dict.items() if name.startswith('model.')}
-    missing = [name for name in expected if name not in given]
-    unexpected = [name for name in given if name not in expected]
-    wrong_shape = [f'{name} {given[name]} vs {expected[name]}' for name in expected
-                   if name in given and given[name] != expected[name]]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointMismatchError(
-            f'checkpoint {path} does not fit {type(lightning_module).__name__} (another architecture or config?): '
-            f'{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, '
-            f'{len(wrong_shape)} shape mismatches (checkpoint vs model) {wrong_shape[:3]}')
-
-
-def load_weights(lightning_module, path):
-    """Load the network weights of a .ckpt / .pth into ``lightning_module.model`` after checking them."""
-    state_dict = load_checkpoint_state_dict(path)
-    check_state_dict_matches(state_dict, lightning_module, path)
-    weights = {name[len('model.'):]: value for name, value in state_dict.items() if name.startswith('model.')}
-    lightning_module.model.load_state_dict(weights, strict=True)
 
 
 class _AtomicCheckpointIO:
@@ -337,30 +395,6 @@ def progress_bar_enabled(choice):
     if choice == 'auto':
         return sys.stderr.isatty()
     return choice == 'on'
-
-
-def build_trainer_kwargs(args, kind, devices, precision, extra_trainer_config_args=None):
-    """Lightning 2 Trainer arguments equivalent to the seed's (upstream ``run_cli``): clip 5, no validation, no sanity run.
-
-    Device, strategy and precision come from bevdepth.engine.devices.trainer_device_kwargs: an NPU accelerator
-    with hccl DDP and NPU autocast on Ascend, DDP with nccl (GPU) or gloo (CPU) when more than one process runs.
-    """
-    accelerator = 'npu' if kind == 'npu' else 'gpu' if kind == 'cuda' else 'cpu'
-    kwargs = devices_helpers.trainer_device_kwargs(accelerator=accelerator, devices=devices,
-                                                   num_nodes=args.num_nodes, precision=precision,
-                                                   find_unused_parameters=args.find_unused_parameters)
-    plugins = list(kwargs.pop('plugins') or [])
-    plugins.append(_AtomicCheckpointIO.create())
-    kwargs.update(
-        plugins=plugins, max_epochs=args.max_epochs, gradient_clip_val=GRADIENT_CLIP_VAL, limit_val_batches=0,
-        num_sanity_val_steps=0, limit_train_batches=args.limit_train_batches,
-        log_every_n_steps=args.log_every_n_steps, deterministic=args.deterministic or None,
-        profiler=args.profiler,
-        # Our samplers are distributed already (resumable train order, padded eval order for gathering).
-        use_distributed_sampler=False, enable_progress_bar=progress_bar_enabled(args.progress_bar),
-    )
-    kwargs.update(extra_trainer_config_args or {})
-    return kwargs
 
 
 def _print_rank_zero(*message, file=None):
@@ -400,17 +434,64 @@ def _check_data(args, model):
                                     f'--data_root {args.data_root}')
 
 
-def run_cli(model_class, exp_name, use_ema=False, extra_trainer_config_args=None, cli_defaults=None, argv=None,
+def build_trainer_kwargs(args, kind, devices, precision, extra_trainer_config_args=None):
+    """Lightning 2 Trainer arguments equivalent to the seed's (upstream ``run_cli``): clip 5, no validation, no
+    sanity run; then the pass-through Trainer flags given.
+
+    Device, strategy and precision come from bevdepth.engine.devices.trainer_device_kwargs: an NPU accelerator
+    with hccl DDP and NPU autocast on Ascend, DDP with nccl (GPU) or gloo (CPU) when more than one process runs.
+    """
+    accelerator = 'npu' if kind == 'npu' else 'gpu' if kind == 'cuda' else 'cpu'
+    kwargs = devices_helpers.trainer_device_kwargs(accelerator=accelerator, devices=devices,
+                                                   num_nodes=args.num_nodes, precision=precision,
+                                                   find_unused_parameters=args.find_unused_parameters)
+    plugins = list(kwargs.pop('plugins') or [])
+    plugins.append(_AtomicCheckpointIO.create())
+    kwargs.update(
+        plugins=plugins, max_epochs=args.max_epochs, gradient_clip_val=args.gradient_clip_val or None,
+        limit_val_batches=0, num_sanity_val_steps=0, limit_train_batches=args.limit_train_batches,
+        log_every_n_steps=args.log_every_n_steps, deterministic=args.deterministic or None,
+        profiler=args.profiler,
+        # Our samplers are distributed already (resumable train order, padded eval order for gathering).
+        use_distributed_sampler=False, enable_progress_bar=progress_bar_enabled(args.progress_bar),
+    )
+    trainer_args = dict(getattr(args, 'trainer_args', {}))
+    if kind == 'npu' and 'strategy' in trainer_args:
+        raise UsageError('--strategy: on NPU the engine sets its own DDP strategy (hccl backend); drop the flag')
+    kwargs.update(extra_trainer_config_args or {})
+    kwargs.update(trainer_args)
+    return kwargs
+
+
+def build_lightning_module(model_class, config):
+    """The experiment's LightningModule for a resolved configuration."""
+    return model_class(config=config)
+
+
+def write_run_config(model, log_dir, exp_name, trainer_args):
+    """``<log_dir>/config.yaml``: the experiment, every setting and the Trainer flags given (atomic)."""
+    import yaml
+
+    from bevdepth.utils.io import atomic_open
+
+    record = {'experiment': f'{type(model).__module__}.{type(model).__name__}', 'name': exp_name,
+              'settings': settings.plain(model.config), 'trainer': settings.plain(trainer_args)}
+    os.makedirs(log_dir, exist_ok=True)
+    with atomic_open(os.path.join(log_dir, RUN_CONFIG_FILE), 'w') as f:
+        yaml.safe_dump(record, f, sort_keys=False)
+
+
+def run_cli(model_class, exp_name, use_ema=None, extra_trainer_config_args=None, cli_defaults=None, argv=None,
             exit_on_user_error=True):
     """Parse the seed-compatible flags and train (default), evaluate (-e) or predict (-p) ``model_class``.
 
     Args:
         model_class: a BEVDepthLightningModel subclass.
         exp_name: run name; outputs go to ./outputs/<exp_name> unless --default_root_dir is given.
-        use_ema: keep an EMA of the weights and save <log_dir>/<epoch>.pth each epoch.
+        use_ema: the upstream ``run_cli`` argument; when given it sets the default of the ``ema`` setting.
         extra_trainer_config_args: extra Trainer kwargs; 'epochs' / 'max_epochs' (the only key the reference
             read) set the default of --max_epochs.
-        cli_defaults: experiment-specific defaults of the flags, e.g. {'data_root': ..., 'version': ...}.
+        cli_defaults: defaults of settings for this call, over the experiment's ``setting_defaults``.
         argv: arguments (default sys.argv[1:]).
         exit_on_user_error: report bad input (bevdepth.engine.errors.USER_ERRORS) as one line
             ``error: ...`` on stderr and exit with code 2 instead of raising.
@@ -427,16 +508,6 @@ def run_cli(model_class, exp_name, use_ema=False, extra_trainer_config_args=None
         sys.exit(2)
 
 
-def build_lightning_module(model_class, args, default_root_dir, pretrained):
-    """The experiment's LightningModule from parsed flags (``pretrained`` from resolve_pretrained_source)."""
-    return model_class(batch_size_per_device=args.batch_size_per_device, learning_rate=args.learning_rate,
-                       data_root=args.data_root, version=args.version, num_workers=args.num_workers,
-                       default_root_dir=default_root_dir, seed=args.seed, max_bad_steps=args.max_bad_steps,
-                       lr_schedule=args.lr_schedule, eval_batch_size=args.eval_batch_size,
-                       channels_last=args.channels_last, pretrained=pretrained, image_backend=args.image_backend,
-                       use_cbgs=args.cbgs, **{name: getattr(args, name) for name in args.model_arg_names})
-
-
 def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults, argv):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -450,18 +521,13 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
     for key in ('epochs', 'max_epochs'):  # the reference read 'epochs' from extra_trainer_config_args
         if key in extra:
             defaults['max_epochs'] = extra.pop(key)
+    if use_ema is not None:
+        defaults.setdefault('ema', bool(use_ema))
     args = parse_args(exp_name, argv, defaults, model_class)
     if args.amp_backend not in (None, 'native'):
         _print_rank_zero(f'note: --amp_backend {args.amp_backend} ignored: Lightning 2 supports only native AMP')
     default_root_dir = args.default_root_dir or os.path.join('.', 'outputs', exp_name)
-
-    kind = resolve_accelerator(args.accelerator, args.gpus)
-    devices = resolve_devices(args, kind)
-    precision = resolve_precision(args.precision, kind)
-    if args.bind_cpu_cores:
-        devices_helpers.pin_rank_cpu_affinity(int(os.environ.get('LOCAL_RANK', '0')), devices)
-    if args.deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    config = dict(args.config, default_root_dir=default_root_dir, gpus=args.gpus, accelerator=args.accelerator)
 
     resume_path = None
     if args.resume == 'auto':
@@ -471,18 +537,42 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
                              f'starting a new run')
     elif args.resume:
         resume_path = args.resume
-    loads_checkpoint = bool(args.evaluate or args.predict or resume_path)
-    pretrained = resolve_pretrained_source(args.pretrained, model_class, loads_checkpoint)
+    loaded_path = args.ckpt_path if (args.evaluate or args.predict) else resume_path
+    checkpoint = None
+    if loaded_path is not None:
+        checkpoint = checkpoints.read_checkpoint(loaded_path, '--ckpt_path' if args.ckpt_path else '--resume')
+        saved = checkpoints.saved_config(checkpoint)
+        if saved is not None:
+            config = merge_saved_config(config, set(args.given_settings), saved, loaded_path)
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump({'settings': config, 'trainer': args.trainer_args}, sort_keys=False), end='')
+        return None
+
+    kind = resolve_accelerator(args.accelerator, args.gpus)
+    devices = resolve_devices(args, kind)
+    precision = resolve_precision(args.precision, kind)
+    if args.bind_cpu_cores:
+        devices_helpers.pin_rank_cpu_affinity(int(os.environ.get('LOCAL_RANK', '0')), devices)
+    if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
 
     pl.seed_everything(args.seed, workers=True)
-    model = build_lightning_module(model_class, args, default_root_dir, pretrained)
+    model = build_lightning_module(model_class, config)
     _check_data(args, model)
+    if checkpoint is None:
+        model.load_pretrained_image_backbone(pretrained_source(config, loads_checkpoint=False))
+    elif args.pretrained not in (None, 'none') and 'pretrained' in args.given_settings:
+        _print_rank_zero(f'note: --pretrained {args.pretrained} ignored: this run takes its weights from a checkpoint')
     trainer_kwargs = build_trainer_kwargs(args, kind, devices, precision, extra)
     mode = 'evaluate' if args.evaluate else 'predict' if args.predict else 'train'
-    _print_rank_zero('\n'.join(recipe_lines(args, mode, kind, devices, precision, model, use_ema)))
+    _print_rank_zero('\n'.join(recipe_lines(args, mode, kind, devices, precision, model)))
 
     if args.evaluate or args.predict:
-        load_weights(model, args.ckpt_path)
+        checkpoints.check_weights_fit(model.model, checkpoints.network_weights(checkpoint), loaded_path,
+                                      type(model).__name__)
+        model.model.load_state_dict(checkpoints.network_weights(checkpoint), strict=True)
+        del checkpoint
         trainer = pl.Trainer(default_root_dir=default_root_dir, logger=False, enable_checkpointing=False,
                              **trainer_kwargs)
         if args.evaluate:
@@ -498,12 +588,14 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
                          f'more when memory allows', file=sys.stderr)
     version = None
     if resume_path is not None:
-        check_state_dict_matches(load_checkpoint_state_dict(resume_path), model, resume_path)
+        checkpoints.check_weights_fit(model.model, checkpoints.network_weights(checkpoint), resume_path,
+                                      type(model).__name__)
+        del checkpoint
         version = version_of_checkpoint(resume_path, default_root_dir)
         _print_rank_zero(f'resuming from {resume_path}')
 
     callbacks = [StepTimeCallback()]  # before EMA: the EMA update is not part of the timed step
-    if use_ema:
+    if args.ema:
         callbacks.append(EMACallback())
     # Latest epoch-end checkpoint, optionally the latest every-N-steps one, and last.ckpt linking to whichever
     # was saved last. No '-v1' name variants after a resume: last.ckpt is relinked. (Lightning keeps the
@@ -515,5 +607,7 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
                                          save_top_k=1, save_last='link', enable_version_counter=False))
     logger = TensorBoardLogger(save_dir=default_root_dir, name='lightning_logs', version=version)
     trainer = pl.Trainer(default_root_dir=default_root_dir, logger=logger, callbacks=callbacks, **trainer_kwargs)
+    if trainer.global_rank == 0:
+        write_run_config(model, logger.log_dir, exp_name, args.trainer_args)
     trainer.fit(model, ckpt_path=resume_path)
     return model

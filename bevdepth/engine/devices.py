@@ -35,9 +35,11 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from bevdepth.configs.settings import ACCELERATORS, PRECISION_ALIASES
+
 log = logging.getLogger(__name__)
 
-ACCELERATOR_CHOICES = ('auto', 'cpu', 'gpu', 'cuda', 'npu')
+ACCELERATOR_CHOICES = ACCELERATORS
 
 # Result of the one-time torch_npu probe: None = not probed yet, else (available, reason_if_not).
 _NPU_PROBE: Optional[tuple] = None
@@ -293,12 +295,9 @@ def _npu_grad_scaler():
 def normalize_precision(precision: Union[str, int]) -> str:
     """The seed's ``--precision`` values (16, 32, bf16, '16-mixed', ...) -> Lightning 2 names."""
     text = str(precision).strip().lower()
-    table = {'16': '16-mixed', '16-mixed': '16-mixed', 'bf16': 'bf16-mixed', 'bf16-mixed': 'bf16-mixed',
-             '32': '32-true', '32-true': '32-true', '64': '64-true', '64-true': '64-true',
-             '16-true': '16-true', 'bf16-true': 'bf16-true'}
-    if text not in table:
+    if text not in PRECISION_ALIASES:
         raise ValueError(f'unknown precision {precision!r}; use 16, bf16 or 32')
-    return table[text]
+    return PRECISION_ALIASES[text]
 
 
 def npu_precision_plugin(precision: Union[str, int]) -> Optional[MixedPrecision]:

@@ -3,18 +3,20 @@
 They are bad input, not bugs: a missing or foreign checkpoint, a missing dataroot or info file, a submission
 that does not match its split. Their messages name the file and the fix.
 """
+from bevdepth.configs.settings import SettingError
 from bevdepth.datasets.errors import DataError
 from bevdepth.evaluators.det_evaluators import EmptySubmissionError, SubmissionMismatchError
 from bevdepth.layers.backbones.imagenet_weights import PretrainedWeightsError
+from bevdepth.models.checkpoints import CheckpointError
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint of another architecture / config, or a resume with another world size or batch size."""
+# A checkpoint that is missing, unreadable, of another architecture, or a resume with another world size / batch.
+CheckpointMismatchError = CheckpointError
 
 
 class UsageError(ValueError):
     """Flags that cannot work together on this machine (e.g. fp16 on CPU, --gpus without a GPU)."""
 
 
-USER_ERRORS = (UsageError, FileNotFoundError, DataError, CheckpointMismatchError, SubmissionMismatchError,
-               EmptySubmissionError, PretrainedWeightsError)
+USER_ERRORS = (UsageError, FileNotFoundError, DataError, CheckpointError, SubmissionMismatchError,
+               EmptySubmissionError, PretrainedWeightsError, SettingError)

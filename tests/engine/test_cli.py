@@ -1,14 +1,17 @@
 """The seed-compatible CLI: flag parsing, Trainer mapping, checkpoint discovery and checks."""
-import argparse
+import inspect
 import os
 import time
 import types
 
 import pytest
 import torch
+import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 
+from bevdepth.configs import settings
 from bevdepth.engine import cli
+from bevdepth.models import checkpoints
 from bevdepth.engine.errors import CheckpointMismatchError, UsageError
 
 
@@ -30,7 +33,7 @@ def test_seed_flags_parse():
     assert parse('--limit_train_batches', '3').limit_train_batches == 3
     assert parse('--limit_train_batches', '0.25').limit_train_batches == 0.25
     defaults = parse()
-    assert defaults.batch_size_per_device == cli.DEFAULT_BATCH_SIZE_PER_DEVICE
+    assert defaults.batch_size_per_device == settings.SETTINGS_BY_NAME['batch_size_per_device'].default == 8
     assert defaults.learning_rate == pytest.approx(2e-4 / 64) and defaults.max_epochs == 24
     assert parse(defaults={'version': 'v1.0-mini', 'max_epochs': 3}).max_epochs == 3
     assert parse('--max_epochs', '5', defaults={'max_epochs': 3}).max_epochs == 5
@@ -45,7 +48,8 @@ def test_seed_flags_parse():
     (['-p'], 'need --ckpt_path'),
     (['-e', '-p', '--ckpt_path', 'x'], 'not allowed with'),
     (['--gpus', '2', '--devices', '4'], 'disagree'),
-    (['--devices', 'zero'], 'positive integer'),
+    (['--devices', 'zero'], "invalid int_or_auto value: 'zero'"),
+    (['--batch_size_per_device', '0'], '--batch_size_per_device must be >= 1, got 0'),
     (['-e', '--ckpt_path', 'x', '--resume'], '--resume is for training'),
 ])
 def test_bad_flags_give_one_line_errors(argv, message, capsys):
@@ -114,45 +118,110 @@ def test_checkpoint_of_another_architecture_is_one_clear_error(tmp_path):
     state['model.extra.weight'] = torch.zeros(1)
     torch.save({'epoch': 3, 'global_step': 9, 'state_dict': state}, path)
     with pytest.raises(CheckpointMismatchError) as error:
-        cli.load_weights(Holder(5), str(path))
+        checkpoints.load_network_weights(Holder(5).model, str(path), owner='Holder')
     message = str(error.value)
     assert '\n' not in message and 'does not fit Holder' in message
-    assert "1 unexpected keys ['model.extra.weight']" in message
-    assert 'model.0.weight (4, 2) vs (5, 2)' in message
+    assert "1 unexpected keys ['extra.weight']" in message
+    assert '0.weight (4, 2) vs (5, 2)' in message
     del state['model.extra.weight']
     torch.save({'epoch': 3, 'global_step': 9, 'state_dict': state}, path)
     target = Holder(4)
-    cli.load_weights(target, str(path))
+    checkpoints.load_network_weights(target.model, str(path))
     assert torch.equal(target.model[0].weight, state['model.0.weight'])
 
 
-def test_missing_or_foreign_checkpoint_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match='does not exist'):
-        cli.load_checkpoint_state_dict(str(tmp_path / 'nope.pth'))
+def test_missing_truncated_or_foreign_checkpoint_files(tmp_path):
+    with pytest.raises(CheckpointMismatchError, match='does not exist: check --ckpt_path'):
+        checkpoints.read_checkpoint(str(tmp_path / 'nope.pth'))
     torch.save({'weights': 1}, tmp_path / 'other.pth')
     with pytest.raises(CheckpointMismatchError, match="expected a dict with 'state_dict'"):
-        cli.load_checkpoint_state_dict(str(tmp_path / 'other.pth'))
+        checkpoints.read_checkpoint(str(tmp_path / 'other.pth'))
+    good = tmp_path / 'good.pth'
+    torch.save({'state_dict': {'model.w': torch.ones(1000)}}, good)
+    (tmp_path / 'cut.pth').write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    with pytest.raises(CheckpointMismatchError, match=r'cut.pth cannot be read \(.*\): .*copy or download it again'):
+        checkpoints.read_checkpoint(str(tmp_path / 'cut.pth'))
+    (tmp_path / 'text.pth').write_text('not a checkpoint at all')
+    with pytest.raises(CheckpointMismatchError, match='text.pth cannot be read'):
+        checkpoints.read_checkpoint(str(tmp_path / 'text.pth'))
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointMismatchError, match='is empty'):
+        checkpoints.read_checkpoint(str(tmp_path / 'empty.pth'))
 
 
-class WithOwnFlags:
-    """Stands for an experiment adding its own flags (the seed's add_model_specific_args hook)."""
+def test_every_flag_has_one_definition_derived_from_the_settings_table():
+    parser = cli.build_parser('exp')
+    by_dest = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest != 'help':
+            by_dest.setdefault(action.dest, []).append(action)
+    for setting in settings.SETTINGS:  # one flag per setting, with the table's spellings, type and help
+        (action,) = by_dest.pop(setting.name)
+        assert set(action.option_strings) >= {setting.flag, *setting.aliases}
+        assert setting.help in action.help
+        if setting.boolean:
+            assert f'--no-{setting.name}' in action.option_strings
+        else:
+            assert action.type is setting.parse and action.nargs == setting.nargs
+    trainer = cli.passthrough_trainer_arguments()
+    for name in trainer:
+        (action,) = by_dest.pop(f'trainer.{name}')
+        assert action.option_strings == [f'--{name}']
+    for name in {**cli.ENGINE_OWNED_TRAINER_ARGS, **cli.LIGHTNING_1_ARGS}:
+        (action,) = by_dest.pop(name)
+        assert isinstance(action, cli._Refuse)
+    assert set(by_dest) == {'evaluate', 'predict', 'ckpt_path', 'resume', 'print_config'}
+    every_trainer_argument = set(inspect.signature(pl.Trainer.__init__).parameters) - {'self'}
+    reachable = set(trainer) | set(cli.ENGINE_OWNED_TRAINER_ARGS) | set(settings.SETTINGS_BY_NAME)
+    assert every_trainer_argument <= reachable, every_trainer_argument - reachable
 
-    @staticmethod
-    def add_model_specific_args(parser):
-        parser.add_argument('--final_dim', type=int, nargs=2, default=[64, 192])
-        parser.add_argument('--ida_aug', action=argparse.BooleanOptionalAction, default=True)
-        return parser
+
+def test_trainer_flags_reach_the_trainer_typed():
+    args = parse('--accelerator', 'cpu', '--strategy', 'ddp', '--accumulate_grad_batches', '2', '--max_steps', '10',
+                 '--check_val_every_n_epoch', '1', '--sync_batchnorm', 'true', '--limit_val_batches', '0.5',
+                 '--max_time', '00:01:00:00')
+    assert args.trainer_args == {'strategy': 'ddp', 'accumulate_grad_batches': 2, 'max_steps': 10,
+                                 'check_val_every_n_epoch': 1, 'sync_batchnorm': True, 'limit_val_batches': 0.5,
+                                 'max_time': '00:01:00:00'}
+    kwargs = cli.build_trainer_kwargs(args, 'cpu', 1, '32-true')
+    for name, value in args.trainer_args.items():
+        assert kwargs[name] == value
+    assert kwargs['gradient_clip_val'] == 5.0  # the reference's, now a setting
+    assert cli.build_trainer_kwargs(parse('--gradient_clip_val', '0'), 'cpu', 1, '32-true')['gradient_clip_val'] is None
 
 
-def test_experiment_flags_are_parsed_and_listed_for_the_model():
-    args = cli.parse_args('exp', ['--final_dim', '96', '256', '--no-ida_aug'], model_class=WithOwnFlags)
-    assert args.final_dim == [96, 256] and args.ida_aug is False
-    assert sorted(args.model_arg_names) == ['final_dim', 'ida_aug']
-    args = cli.parse_args('exp', [], defaults={'final_dim': [32, 64]}, model_class=WithOwnFlags)
-    assert args.final_dim == [32, 64] and args.ida_aug is True
-    assert parse().model_arg_names == []
-    with pytest.raises(SystemExit):
-        parse('--final_dim', '96', '256')  # not a flag of the plain CLI
+@pytest.mark.parametrize('argv, message', [
+    (['--logger', 'csv'], '--logger: the engine logs to TensorBoard'),
+    (['--use_distributed_sampler', 'false'], '--use_distributed_sampler: the engine uses its own seeded, resumable'),
+    (['--replace_sampler_ddp', 'false'], 'renamed use_distributed_sampler in Lightning 2'),
+    (['--terminate_on_nan', 'true'], '--max_bad_steps'),
+    (['--track_grad_norm', '2'], 'grad_norm'),
+    (['--max_steps', 'ten'], "--max_steps takes int, got 'ten'"),
+    (['--head_chanels', '16'], 'unrecognized arguments: --head_chanels (did you mean --head_channels?)'),
+    (['--accumulate_grad_batch', '2'], 'did you mean --accumulate_grad_batches?'),
+])
+def test_engine_owned_removed_and_misspelt_flags_get_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_from_checkpoint_is_resume():
+    assert parse('--resume_from_checkpoint', 'a/b.ckpt').resume == 'a/b.ckpt'
+
+
+def test_saved_structural_settings_win_unless_given(capsys):
+    config = settings.resolve(object, {})
+    saved = dict(config, head_channels=16, final_dim=[64, 192], batch_size_per_device=3)
+    merged = cli.merge_saved_config(config, set(), saved, 'x.pth')
+    assert merged['head_channels'] == 16 and merged['final_dim'] == [64, 192]
+    assert merged['batch_size_per_device'] == config['batch_size_per_device']  # not structural: this run's
+    given = dict(config, head_channels=32)
+    merged = cli.merge_saved_config(given, {'head_channels'}, saved, 'x.pth')
+    assert merged['head_channels'] == 32
+    assert 'warning: --head_channels 32 given, but x.pth was trained with 16; using 32' in capsys.readouterr().err
 
 
 def test_progress_bar_choice():

@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 
 from exps import base_exp
-from exps.nuscenes.tiny.matrixvt_tiny_synthetic import MatrixVTTinyExp, bev_aug_conf, image_aug_conf
+from bevdepth.configs import derive, settings, tiny
+from exps.nuscenes.tiny.matrixvt_tiny_synthetic import MatrixVTTinyExp
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +32,7 @@ def test_lr_is_per_image_times_global_batch_and_schedule_is_multistep(tiny_modul
     assert optimizer.param_groups[0]['weight_decay'] == base_exp.WEIGHT_DECAY == 1e-7
     assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR)
     # The seed's [19, 23] in the base class; the tiny demo steps once for the last sixth of its epochs.
-    assert base_exp.BEVDepthLightningModel.lr_milestones(tiny_module) == [19, 23]
+    assert derive.lr_milestones('reference', 12) == [19, 23]
     assert sorted(scheduler.milestones) == tiny_module.lr_milestones() == [10] and scheduler.gamma == 0.1  # of 12
     # Every network parameter is optimised.
     assert sum(p.numel() for p in optimizer.param_groups[0]['params']) == \
@@ -71,21 +72,36 @@ def test_gather_and_rank_zero_run_on_one_process():
 
 
 def test_tiny_image_size_and_augmentation_switches():
+    def image_aug_conf(final_dim, **kwargs):
+        return derive.image_aug_conf(tiny.ida_aug_conf(), final_dim, **kwargs)
+
     conf = image_aug_conf((64, 192))
     assert conf['final_dim'] == (64, 192)
     assert conf['resize_lim'] == pytest.approx((0.386 * 192 / 704, 0.55 * 192 / 704))
     off = image_aug_conf((64, 192), enabled=False)
     assert off['resize_lim'] == (0.12, 0.12) and off['rot_lim'] == (0.0, 0.0) and off['rand_flip'] is False
     assert image_aug_conf((64, 192), resize_lim=(0.1, 0.2))['resize_lim'] == (0.1, 0.2)
-    with pytest.raises(ValueError, match='multiples of 32'):
-        image_aug_conf((60, 192))
-    assert bev_aug_conf(False)['flip_dx_ratio'] == 0.0 and bev_aug_conf(True)['flip_dx_ratio'] == 0.5
+    with pytest.raises(settings.SettingError, match='--final_dim must be two multiples of 32'):
+        MatrixVTTinyExp(final_dim=(60, 192), data_root='unused')
+    bda = tiny.bda_aug_conf()
+    assert derive.bev_aug_conf(bda, False)['flip_dx_ratio'] == 0.0 and derive.bev_aug_conf(bda)['flip_dx_ratio'] == 0.5
     module = MatrixVTTinyExp(final_dim=(64, 192), ida_aug=False, data_root='unused')
     assert module.backbone_conf['final_dim'] == (64, 192) and module.ida_aug_conf['rand_flip'] is False
     # The reference's image flip is on by default; --no-ida_flip turns it off (training only).
     assert conf['rand_flip'] is True and image_aug_conf((64, 192), flip=False)['rand_flip'] is False
     assert MatrixVTTinyExp(data_root='unused').ida_aug_conf['rand_flip'] is True
     assert MatrixVTTinyExp(ida_flip=False, data_root='unused').ida_aug_conf['rand_flip'] is False
+    # The tiny input keeps the resize range it always had (the reference's x 352 / 704).
+    assert MatrixVTTinyExp(data_root='unused').ida_aug_conf['resize_lim'] == (0.386 * 352 / 704, 0.55 * 352 / 704)
+
+
+def test_reference_configs_come_out_unchanged():
+    """With every model setting at its default the R50 experiments get the reference configs exactly."""
+    from bevdepth.configs import nuscenes
+
+    config = settings.resolve(base_exp.BEVDepthLightningModel)
+    assert derive.module_configs(config) == (nuscenes.backbone_conf(), nuscenes.head_conf(),
+                                             nuscenes.ida_aug_conf(), nuscenes.bda_aug_conf())
 
 
 def test_tiny_demo_starts_heatmaps_from_the_focal_prior_but_reference_head_does_not(tiny_module):
@@ -111,7 +127,7 @@ def test_tiny_feature_stride(downsample_factor, feature_size, neck_strides):
     backbone = module.model.backbone
     assert tuple(backbone.frustum.shape[1:3]) == feature_size
     assert backbone.img_neck.upsample_strides == neck_strides
-    assert module.depth_loss_fn.downsample_factor == downsample_factor
+    assert module.model.depth_loss.downsample_factor == downsample_factor
     backbone.eval()
     with torch.no_grad():
         feats = backbone.get_cam_feats(torch.zeros(1, 1, 2, 3, 128, 352))
@@ -128,7 +144,7 @@ def test_channels_last_is_a_layout_choice_only():
     weight = fast.model.backbone.img_backbone.conv1.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert plain.model.backbone.img_backbone.conv1.weight.is_contiguous()
-    assert base_exp.BEVDepthLightningModel.default_channels_last is False
+    assert settings.experiment_defaults(base_exp.BEVDepthLightningModel)['channels_last'] is False
     plain.model.load_state_dict(fast.model.state_dict())
     fast.model.eval(), plain.model.eval()
     torch.manual_seed(0)

@@ -35,13 +35,13 @@ def test_seed_command_resolves_to_the_reference_recipe(monkeypatch):
     assert trainer_kwargs['gradient_clip_val'] == 5 and trainer_kwargs['max_epochs'] == 24
     assert cli.effective_learning_rate(args.learning_rate, args.batch_size_per_device,
                                        devices * args.num_nodes) == pytest.approx(2e-4)
-    assert cli.resolve_pretrained_source(args.pretrained, MatrixVT_Exp, loads_checkpoint=False) == 'torchvision'
+    assert cli.pretrained_source(args.config, loads_checkpoint=False) == 'torchvision'
 
-    model = cli.build_lightning_module(MatrixVT_Exp, args, 'outputs/x', pretrained=None)
-    recipe = '\n'.join(cli.recipe_lines(args, 'train', 'cuda', devices, precision, model, use_ema=True))
+    model = cli.build_lightning_module(MatrixVT_Exp, args.config)
+    recipe = '\n'.join(cli.recipe_lines(args, 'train', 'cuda', devices, precision, model))
     for line in ('cuda x 8 per node x 1 node(s)', 'precision        16-mixed\n',
                  '3.125e-06 per image x 8 per device x 8 devices = 0.0002 (global batch 64)',
-                 'epochs           24, lr schedule multistep', 'EMA              on', 'CBGS             on',
+                 'epochs           24, lr schedule multistep (x0.1 at epochs [19, 23])', 'EMA              on', 'CBGS             on',
                  'gradient clip    5.0', 'image backend    opencv'):
         assert line in recipe + '\n', (line, recipe)
 
@@ -54,15 +54,15 @@ def test_precision_defaults_to_fp16_amp_on_accelerators_and_fp32_on_cpu():
     assert cli.resolve_precision(args.precision, 'cpu') == '32-true'
 
 
-def test_pretrained_is_only_used_by_a_new_training_run(capsys):
-    assert cli.resolve_pretrained_source(None, MatrixVT_Exp, loads_checkpoint=True) is None
-    assert cli.resolve_pretrained_source('torchvision', MatrixVT_Exp, loads_checkpoint=True) is None
-    assert 'ignored' in capsys.readouterr().out
-    assert cli.resolve_pretrained_source('none', MatrixVT_Exp, loads_checkpoint=False) is None
-    assert cli.resolve_pretrained_source('/x/r50.pth', MatrixVT_Exp, loads_checkpoint=False) == '/x/r50.pth'
+def test_pretrained_is_only_used_by_a_new_training_run():
+    config = _parse([]).config
+    assert cli.pretrained_source(config, loads_checkpoint=True) is None
+    assert cli.pretrained_source(dict(config, pretrained='none'), loads_checkpoint=False) is None
+    assert cli.pretrained_source(dict(config, pretrained='/x/r50.pth'), loads_checkpoint=False) == '/x/r50.pth'
     args = _parse(['--image_backend', 'pillow', '--no-cbgs'])
-    model = cli.build_lightning_module(MatrixVT_Exp, args, 'outputs/x', pretrained=None)
+    model = cli.build_lightning_module(MatrixVT_Exp, args.config)
     assert (model.image_backend, model.data_use_cbgs) == ('pillow', False)
+    assert model.model.backbone.img_backbone.pretrained_path is None  # building never loads nor fetches
 
 
 @pytest.fixture
@@ -96,8 +96,8 @@ def real_training_copy(real_mini_dataroot, tmp_path_factory):
 
 
 def test_imagenet_weights_load_into_the_backbone(imagenet_cache):
-    args = _parse([])
-    model = cli.build_lightning_module(MatrixVT_Exp, args, 'outputs/x', pretrained='torchvision')
+    model = cli.build_lightning_module(MatrixVT_Exp, _parse([]).config)
+    assert model.load_pretrained_image_backbone('torchvision') == 318
     backbone = model.model.backbone.img_backbone
     assert backbone.pretrained_path == imagenet_weights.cached_weights_path(50)
     own = backbone.state_dict()

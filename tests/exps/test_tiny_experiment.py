@@ -111,7 +111,51 @@ def test_checkpoint_of_another_architecture_stops_with_one_line(synthetic_dataro
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith('error: checkpoint') and 'does not fit MatrixVTTinyExp' in last_line
-    assert "unexpected keys ['model.backbone.x']" in last_line
+    assert "unexpected keys ['backbone.x']" in last_line
+
+
+def _evaluate(dataroot, out_dir, ckpt, *model_flags):
+    command = [sys.executable, TINY_EXP, '-e', '--ckpt_path', str(ckpt), '--accelerator', 'cpu', '--data_root',
+               str(dataroot), '--version', 'v1.0-mini', '--default_root_dir', str(out_dir), '--num_workers', '0',
+               '--progress_bar', 'off', '--eval_batch_size', '2', *model_flags]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    with open(os.path.join(out_dir, 'metrics_summary.json')) as f:
+        return json.load(f), result
+
+
+def test_a_copied_checkpoint_rebuilds_its_model_without_its_flags(synthetic_dataroot, tmp_path):
+    """Train with non-default model settings; -e on the EMA .pth copied elsewhere, without those flags, builds the
+    same model (no missing key) and prints the same metrics as -e with the flags."""
+    import yaml
+
+    root = tmp_path / 'run'
+    result = run_tiny(synthetic_dataroot, root, '--head_channels', '16', '-b', '2', '--max_epochs', '1',
+                      '--limit_train_batches', '2', '--learning_rate', '1e-5', '--accumulate_grad_batches', '1')
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    version_dir = root / 'lightning_logs' / 'version_0'
+    record = yaml.safe_load((version_dir / 'config.yaml').read_text())
+    assert record['settings']['head_channels'] == 16 and record['settings']['final_dim'] == [64, 192]
+    assert record['trainer'] == {'accumulate_grad_batches': 1}
+    ema = torch.load(version_dir / '0.pth', map_location='cpu', weights_only=True)
+    assert ema['bevdepth_config']['head_channels'] == 16
+    ckpt = torch.load(version_dir / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
+    assert ckpt['bevdepth_config'] == ema['bevdepth_config']
+
+    copied = tmp_path / 'elsewhere' / 'weights.pth'
+    copied.parent.mkdir()
+    copied.write_bytes((version_dir / '0.pth').read_bytes())
+    without_flags, plain = _evaluate(synthetic_dataroot, tmp_path / 'eval_plain', copied)
+    with_flags, _ = _evaluate(synthetic_dataroot, tmp_path / 'eval_flags', copied, '--head_channels', '16',
+                              '--final_dim', '64', '192')
+    without_flags.pop('eval_time'), with_flags.pop('eval_time')
+    assert without_flags == with_flags
+    assert 'warning' not in plain.stderr
+    # A contradicting model flag: one warning naming both values; the flag wins and the weights do not fit.
+    contradicting = run_tiny(synthetic_dataroot, tmp_path / 'eval_bad', '-e', '--ckpt_path', str(copied),
+                             '--head_channels', '24')
+    assert 'warning: --head_channels 24 given, but' in contradicting.stderr and 'trained with 16' in contradicting.stderr
+    assert contradicting.returncode == 2 and 'does not fit MatrixVTTinyExp' in contradicting.stderr
 
 
 @pytest.mark.parametrize('bev_cell, bev_size', [(1.6, 64), (0.8, 128)])

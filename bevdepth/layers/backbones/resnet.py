@@ -223,6 +223,13 @@ class ResNet(nn.Module):
                     nn.init.zeros_(module.last_norm.weight)
                     nn.init.zeros_(module.last_norm.bias)
 
+    def load_imagenet(self, source):
+        """Load initial weights from ``source`` ('torchvision' = ImageNet IMAGENET1K_V1, downloaded once, or a
+        checkpoint path) after construction; returns the number of tensors loaded."""
+        path = resolve_pretrained(source, self.depth)
+        self.pretrained_path = path
+        return self.load_pretrained(path)
+
     def load_pretrained(self, path):
         """Copy a ResNet checkpoint into this module; ``fc.*`` may be left over, anything else must match.
 

@@ -31,8 +31,9 @@ EXP_NAME = 'matrixvt_bev_depth_lss_r50_256x704_128x128_24e_ema_cbgs'
 class MatrixVT_Exp(BEVDepthLightningModel):
     """The reference MatrixVT_Exp: the base configs with MatrixVT_Det and CBGS."""
 
-    default_lr_schedule = 'multistep'
-    default_use_cbgs = True  # the reference MatrixVT_Exp sets data_use_cbgs = True
+    setting_defaults = dict(
+        cbgs=True,  # the reference MatrixVT_Exp sets data_use_cbgs = True
+    )
 
     def build_model(self):
         # The reference first built a BaseBEVDepth and then replaced its backbone; building MatrixVT_Det

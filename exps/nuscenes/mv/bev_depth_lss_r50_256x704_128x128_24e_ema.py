@@ -26,7 +26,9 @@ EXP_NAME = 'bev_depth_lss_r50_256x704_128x128_24e_ema'
 class BEVDepthLightningModel(BaseBEVDepthLightningModel):
     """BaseBEVDepth (LSS view transform) with the reference base configs; constant lr."""
 
-    default_lr_schedule = 'constant'
+    setting_defaults = dict(
+        lr_schedule='constant',  # upstream's configure_optimizers returns AdamW without a scheduler
+    )
 
 
 if __name__ == '__main__':
