@@ -19,8 +19,8 @@ from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, buil
                                                 sparse_from_ring_ray)
 # The reference algorithm (spec C.4) written independently of the code under test: its 7-dim geometry, steps 1-3
 # and the Python loops of steps 4-9, as the benchmark's baseline runs them.
-from bevdepth.utils.benchmark import (reference_cells, reference_loop_from_cells,
-                                      reference_style_geometry as reference_geometry)
+from benchmarking.suite import (reference_cells, reference_loop_from_cells,
+                                reference_style_geometry as reference_geometry)
 
 SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[3].parent / 'shared' / 'spec' / 'matrixvt_state_dict.txt'
 
