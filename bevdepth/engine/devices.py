@@ -34,7 +34,9 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-# synchronize() lives below the engine so callbacks can use it; it is part of this module's interface too.
+# synchronize() and autocast_device_type() live below the engine so callbacks and layers can use them; they are
+# part of this module's interface too.
+from bevdepth.ops.precision import autocast_device_type  # noqa: F401
 from bevdepth.utils.device_sync import device_type as _device_type, synchronize  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -233,12 +235,6 @@ def ddp_backend_for(accelerator_name: Union[str, Accelerator]) -> str:
             raise ValueError(f'unknown accelerator {accelerator_name!r}; choose one of '
                              f'{", ".join(ACCELERATOR_CHOICES)}')
     return {'npu': 'hccl', 'cuda': 'nccl'}.get(kind, 'gloo')
-
-
-def autocast_device_type(device: Union[torch.device, str, None]) -> str:
-    """``device_type`` for ``torch.autocast``: 'npu', 'cuda', else 'cpu'."""
-    kind = _device_type(device)
-    return kind if kind in ('npu', 'cuda') else 'cpu'
 
 
 def _first_tensor(params: list):
