@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bevdepth.utils.benchmark import SECTIONS, format_table, run_benchmark  # noqa: E402
+from benchmarking.suite import SECTIONS, format_table, run_benchmark  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bevdepth.deploy.errors import DeployError  # noqa: E402
-from bevdepth.utils.benchmark import measure_interleaved  # noqa: E402
+from benchmarking.suite import measure_interleaved  # noqa: E402
 from bevdepth.deploy import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, build_experiment, dcn_mode,  # noqa: E402
                              calibrate_heatmap_bias, create_session, decode_outputs, export_onnx, load_model_weights,
                              randomise_for_parity, run_session)

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bevdepth.datasets.errors import DataError  # noqa: E402
-from bevdepth.datasets.synthetic_nuscenes import SUPPORTED_VERSION, write_synthetic_nuscenes  # noqa: E402
+from synthetic_nuscenes.writer import SUPPORTED_VERSION, write_synthetic_nuscenes  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bevdepth.datasets.errors import DataError  # noqa: E402
 from bevdepth.datasets.nusc_det_dataset import load_infos  # noqa: E402
-from bevdepth.utils.visualize import load_results, render_sample, select_info, write_png  # noqa: E402
+from bevdepth.evaluators.visualize import load_results, render_sample, select_info, write_png  # noqa: E402
 
 
 def parse_args(argv=None):

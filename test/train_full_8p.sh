@@ -16,80 +16,12 @@
 # The evaluated checkpoint is <RUN_DIR>/lightning_logs/version_N/<EPOCHS-1>.pth of the version folder this
 # run created (the seed assumed version_0 and set the path only when ./outputs already existed).
 
-test_path_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cur_path=$(dirname "$test_path_dir")
-cd "$cur_path" || exit 1
-
-export RANK_SIZE=${RANK_SIZE:-8}
-EXP=${EXP:-exps/nuscenes/MatrixVT/matrixvt_bev_depth_lss_r50_256x704_128x128_24e_ema.py}
-DATA_ROOT=${DATA_ROOT:-}
-VERSION=${VERSION:-}
-train_epochs=${EPOCHS:-24}
-batch_size=${BATCH_SIZE:-8}
-learning_rate=${LEARNING_RATE:-0.000003125}
-EXTRA_ARGS=${EXTRA_ARGS:-}
+default_epochs=24
+# shellcheck source=common_8p.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common_8p.sh"
 EVAL_EXTRA_ARGS=${EVAL_EXTRA_ARGS:-}
-Network="MatrixVT_for_PyTorch"
-ASCEND_DEVICE_ID=0
-OUTPUT_DIR=${OUTPUT_DIR:-$test_path_dir/output/$ASCEND_DEVICE_ID}
-# Same run folder as the CLI's default ./outputs/<EXP_NAME> (the experiment's EXP_NAME, else the file name).
-exp_name=$(sed -n "s/^EXP_NAME = ['\"]\([^'\"]*\)['\"].*/\1/p" "$EXP" 2>/dev/null | head -n 1)
-RUN_DIR=${RUN_DIR:-./outputs/${exp_name:-$(basename "$EXP" .py)}}
-
-if [ ! -f "$EXP" ]; then
-    echo "error: experiment file '$EXP' not found (run from the repo, or set EXP=<path to exp .py>)" >&2
-    exit 1
-fi
-
-ACCELERATOR=${ACCELERATOR:-}
-case "$ACCELERATOR" in
-    ''|auto|cpu|gpu|cuda|npu) ;;
-    *) echo "error: unknown ACCELERATOR '$ACCELERATOR'; use one of auto, cpu, gpu, cuda, npu (or leave it unset)" >&2
-       exit 1 ;;
-esac
-
-if [ "${etp_running_flag:-}" != "true" ]; then
-    # shellcheck source=env_npu.sh source-path=SCRIPTDIR
-    source "$test_path_dir/env_npu.sh"
-fi
-# With torch_npu installed but no CANN, torch's automatic backend import makes `import torch` fail; the code
-# imports torch_npu itself (bevdepth/engine/devices.py), so automatic loading is not needed.
-export TORCH_DEVICE_BACKEND_AUTOLOAD=${TORCH_DEVICE_BACKEND_AUTOLOAD:-0}
-
-# Which device ACCELERATOR (unset: npu when torch_npu works, else auto) ends up on; cpu needs no probe.
-if [ "$ACCELERATOR" = "cpu" ]; then
-    device_kind=cpu
-elif ! device_probe=$(python3 -m bevdepth.engine.devices "$ACCELERATOR"); then
-    echo "error: accelerator '${ACCELERATOR:-auto}' is not usable here (see the message above)" >&2
-    exit 1
-else
-    read -r ACCELERATOR device_kind <<< "$device_probe"
-fi
-if [ "$device_kind" = "cpu" ]; then
-    PRECISION=${PRECISION:-32}
-else
-    PRECISION=${PRECISION:-16}
-fi
-
-# Fresh log folder for this run, made only once the checks above passed. Unlike the seed, ./outputs is NOT
-# deleted: earlier runs are kept and this run gets a new version_N folder.
-rm -rf "$OUTPUT_DIR"
-mkdir -p "$OUTPUT_DIR/ckpt"
-
-data_args=()
-[ -n "$DATA_ROOT" ] && data_args+=(--data_root "$DATA_ROOT")
-[ -n "$VERSION" ] && data_args+=(--version "$VERSION")
-read -r -a extra_args <<< "$EXTRA_ARGS"
-# The seed's patched Lightning launcher always pinned the DDP ranks to blocks of cores (taskset); keep that on
-# NPU hosts, where the published figures were measured.
-if [ "$device_kind" = "npu" ]; then
-    BIND_CPU_CORES=${BIND_CPU_CORES:-1}
-fi
-bind_args=()
-[ "${BIND_CPU_CORES:-0}" = "1" ] && bind_args=(--bind_cpu_cores)
 read -r -a eval_extra_args <<< "$EVAL_EXTRA_ARGS"
 
-echo "training $EXP on $RANK_SIZE x $device_kind (accelerator $ACCELERATOR, precision $PRECISION), batch $batch_size per device, log $OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log"
 # Version folders that exist before training: the one to evaluate is the newest folder not in this list.
 list_version_dirs() {  # newest (highest N) first
     local dir
@@ -98,40 +30,8 @@ list_version_dirs() {  # newest (highest N) first
     done | sort -n -r | cut -d' ' -f2-
 }
 versions_before=$(list_version_dirs)
-start_time=$(date +%s)
-python3 "$EXP" \
-    --seed 0 \
-    --learning_rate "$learning_rate" \
-    --max_epoch "$train_epochs" \
-    --amp_backend native \
-    --accelerator "$ACCELERATOR" \
-    --devices "$RANK_SIZE" \
-    --precision "$PRECISION" \
-    --batch_size_per_device "$batch_size" \
-    --default_root_dir "$RUN_DIR" \
-    "${bind_args[@]}" "${data_args[@]}" "${extra_args[@]}" > "$OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log" 2>&1
-train_status=$?
-end_time=$(date +%s)
-e2e_time=$((end_time - start_time))
-if [ "$train_status" -ne 0 ]; then
-    tail -n 20 "$OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log" >&2
-    echo "error: training failed with exit code $train_status; full log: $OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log" >&2
-    exit "$train_status"
-fi
-
-echo "------------------ Final result ------------------"
-# Mean of the last 50 `step_time=  <seconds>` lines (all ranks write into the same log, as in the seed).
-step_time=$(grep -oE 'step_time=[[:space:]]*[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?' "$OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log" \
-    | sed -E 's/step_time=[[:space:]]*//' | tail -n 50 | awk '{sum += $1} END {if (NR > 0) printf "%.9f\n", sum / NR}')
-if [ -z "$step_time" ] || awk -v t="$step_time" 'BEGIN {exit !(t <= 0)}'; then
-    echo "error: no step_time= lines in $OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log, cannot compute FPS" >&2
-    exit 1
-fi
-# Samples per second over all devices. 4 decimals as the seed README's figures (39.1468); the seed's script
-# truncated to an integer, which reads 0 for runs slower than one sample per second (CPU).
-FPS=$(awk -v bs="$batch_size" -v n="$RANK_SIZE" -v t="$step_time" 'BEGIN {printf "%.4f\n", bs * n / t}')
-echo "Final Performance images/sec : $FPS"
-echo "E2E Training Duration sec : $e2e_time"
+run_training
+report_performance
 
 # The newest version_N folder that this training run created (not an older run's, not assumed version_0).
 run_version_dir=""
@@ -143,7 +43,7 @@ while IFS= read -r version_dir; do
 done <<< "$(list_version_dirs)"
 ckpt_path=$run_version_dir/$((train_epochs - 1)).pth
 if [ -z "$run_version_dir" ] || [ ! -f "$ckpt_path" ]; then
-    echo "error: EMA checkpoint $((train_epochs - 1)).pth of this run not found (looked in '${run_version_dir:-$RUN_DIR/lightning_logs/<new version_N>}'); check $OUTPUT_DIR/train_$ASCEND_DEVICE_ID.log" >&2
+    echo "error: EMA checkpoint $((train_epochs - 1)).pth of this run not found (looked in '${run_version_dir:-$RUN_DIR/lightning_logs/<new version_N>}'); check $train_log" >&2
     exit 1
 fi
 
@@ -176,22 +76,4 @@ for metric in mAP mATE mASE mAOE mAVE mAAE NDS; do
 done
 echo "$metric_lines"
 
-BatchSize=$batch_size
-DeviceType=$(uname -m)
-CaseName=${Network}_bs${BatchSize}_${RANK_SIZE}p_acc
-ActualFPS=$FPS
-# Milliseconds per step (the seed computed it as bs * RANK_SIZE * 1000 / FPS, from the truncated FPS).
-TrainingTime=$(awk -v t="$step_time" 'BEGIN {printf "%.2f\n", t * 1000}')
-
-case_log=$OUTPUT_DIR/$CaseName.log
-{
-    echo "Network = ${Network}"
-    echo "RankSize = ${RANK_SIZE}"
-    echo "BatchSize = ${BatchSize}"
-    echo "DeviceType = ${DeviceType}"
-    echo "CaseName = ${CaseName}"
-    echo "ActualFPS = ${ActualFPS}"
-    echo "TrainingTime = ${TrainingTime}"
-    echo "E2ETrainingTime = ${e2e_time}"
-    echo "$metric_lines"
-} > "$case_log"
+write_case_log acc "$metric_lines"

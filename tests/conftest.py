@@ -2,14 +2,20 @@
 
 ``synthetic_dataroot`` writes one small synthetic nuScenes dataroot per test session (devkit-loadable,
 v1.0-mini) with info files and the depth cache, so data, engine and demo tests share the cost.
+
+``scripts/`` is put on ``sys.path`` (as it is for ``python scripts/x.py``) so tests import the tooling packages
+beside the scripts (``benchmarking``, ``synthetic_nuscenes``).
 """
 import os
 import pathlib
+import sys
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
+
+sys.path.insert(0, str(REPO_ROOT / 'scripts'))
 
 os.environ.setdefault('PYTHONHASHSEED', '0')
 
@@ -35,9 +41,9 @@ def real_mini_dataroot():
 @pytest.fixture(scope='session')
 def synthetic_dataroot(tmp_path_factory):
     """A small synthetic v1.0-mini dataroot with nuscenes_infos_{train,val}.pkl and depth_gt/ written."""
-    from bevdepth.datasets.synthetic_nuscenes import write_synthetic_nuscenes
-    from bevdepth.datasets.info_builder import write_infos
     from bevdepth.datasets.depth_cache import write_depth_cache
+    from bevdepth.datasets.info_builder import write_infos
+    from synthetic_nuscenes.writer import write_synthetic_nuscenes
 
     root = tmp_path_factory.mktemp('synthetic_nuscenes')
     write_synthetic_nuscenes(root, version='v1.0-mini', seed=0, scenes_per_split=2, samples_per_scene=6)

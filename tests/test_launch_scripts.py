@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ['env_npu.sh', 'train_full_8p.sh', 'train_performance_8p.sh']
+SCRIPTS = ['env_npu.sh', 'common_8p.sh', 'train_full_8p.sh', 'train_performance_8p.sh']
 CASE_KEYS = ['Network', 'RankSize', 'BatchSize', 'DeviceType', 'CaseName', 'ActualFPS', 'TrainingTime',
              'E2ETrainingTime']
 STEP_TIME = re.compile(r'step_time=\s*([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')

@@ -15,28 +15,13 @@ import time
 
 from pytorch_lightning.callbacks import Callback
 
+from bevdepth.utils.device_sync import synchronize
+
 
 def print_flushed(line):
     # One write per line (ranks share the log, so separate writes could interleave), flushed so it reaches a
     # redirected log even if the run is killed.
     print(line, flush=True)
-
-
-def synchronize_device(device):
-    """Wait for queued kernels on ``device`` (no-op on CPU); uses bevdepth.engine.devices when available."""
-    try:
-        from bevdepth.engine.devices import synchronize
-    except ImportError:
-        synchronize = None
-    if synchronize is not None:
-        synchronize(device)
-        return
-    import torch
-    device_type = getattr(device, 'type', str(device))
-    if device_type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device_type == 'npu':
-        torch.npu.synchronize(device)
 
 
 class StepTimeCallback(Callback):
@@ -49,13 +34,13 @@ class StepTimeCallback(Callback):
         self.last_step_time = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        synchronize_device(pl_module.device)
+        synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._start is None:
             return
-        synchronize_device(pl_module.device)
+        synchronize(pl_module.device)
         self.last_step_time = time.perf_counter() - self._start
         self._start = None
         # Same text as the seed's print("step_time= ", t): 'step_time=' + two spaces + the float.

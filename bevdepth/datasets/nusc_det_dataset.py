@@ -37,6 +37,7 @@ from pyquaternion import Quaternion
 from torch.utils.data import Dataset
 
 from bevdepth.configs.nuscenes import IMG_CONF
+from bevdepth.configs.settings import IMAGE_BACKENDS
 from bevdepth.datasets.bev_aug import bev_transform, sample_bda_augmentation
 from bevdepth.datasets.depth_aug import depth_transform
 from bevdepth.datasets.depth_projection import rigid_inverse
@@ -72,7 +73,6 @@ CATEGORY_TO_DETECTION = {
 }
 
 DEPTH_SOURCES = ('auto', 'cache', 'online')
-IMAGE_BACKENDS = ('opencv', 'pillow')
 
 
 def detection_name(category_name):

@@ -36,6 +36,10 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from bevdepth.configs.settings import ACCELERATORS, PRECISION_ALIASES
+# synchronize() and autocast_device_type() live below the engine so callbacks and layers can use them; they are
+# part of this module's interface too.
+from bevdepth.ops.precision import autocast_device_type  # noqa: F401
+from bevdepth.utils.device_sync import device_type as _device_type, synchronize  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +109,6 @@ def npu_unavailable_reason() -> Optional[str]:
 def _npu():
     """The ``torch.npu`` namespace that torch_npu installs (only call after is_npu_available())."""
     return torch.npu
-
-
-def _device_type(device: Union[torch.device, str, None]) -> str:
-    if device is None:
-        return 'cpu'
-    if isinstance(device, torch.device):
-        return device.type
-    return str(device).split(':')[0]
 
 
 class NPUAccelerator(Accelerator):
@@ -241,21 +237,6 @@ def ddp_backend_for(accelerator_name: Union[str, Accelerator]) -> str:
             raise ValueError(f'unknown accelerator {accelerator_name!r}; choose one of '
                              f'{", ".join(ACCELERATOR_CHOICES)}')
     return {'npu': 'hccl', 'cuda': 'nccl'}.get(kind, 'gloo')
-
-
-def synchronize(device: Union[torch.device, str, None]) -> None:
-    """Wait for queued kernels on ``device`` (CUDA / NPU); no-op on CPU. Use before reading a wall clock."""
-    kind = _device_type(device)
-    if kind == 'cuda':
-        torch.cuda.synchronize(device)
-    elif kind == 'npu':
-        _npu().synchronize(device)
-
-
-def autocast_device_type(device: Union[torch.device, str, None]) -> str:
-    """``device_type`` for ``torch.autocast``: 'npu', 'cuda', else 'cpu'."""
-    kind = _device_type(device)
-    return kind if kind in ('npu', 'cuda') else 'cpu'
 
 
 def _first_tensor(params: list):

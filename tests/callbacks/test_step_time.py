@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bevdepth.callbacks.ema import EMACallback
-from bevdepth.callbacks.step_time import StepTimeCallback, synchronize_device
+from bevdepth.callbacks.step_time import StepTimeCallback
 
 
 class SlowModule(pl.LightningModule):
@@ -51,7 +51,3 @@ def test_timed_region_excludes_callbacks_after_it(tmp_path):
 
     fit(tmp_path, [timer, Sleeper(save_epoch_weights=False)], steps=3)
     assert len(seen) == 3 and max(seen) < 0.2
-
-
-def test_synchronize_is_a_no_op_on_cpu():
-    synchronize_device(torch.device('cpu'))

@@ -194,7 +194,7 @@ def test_synchronize_and_autocast_type(fake_npu):
     assert devices.autocast_device_type('npu:3') == 'npu'
     assert devices.autocast_device_type(torch.device('cuda', 0)) == 'cuda'
     assert devices.autocast_device_type(torch.device('cpu')) == 'cpu'
-    assert devices.autocast_device_type('mps') == 'cpu'
+    assert devices.autocast_device_type('meta') == 'cpu'
 
 
 def test_fused_adamw_only_for_npu_parameters(fake_npu):

@@ -7,8 +7,8 @@ import pytest
 from nuscenes import NuScenes
 from nuscenes.utils import splits
 
-sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1] / 'datasets'))
-from test_synthetic_nuscenes import gt_copy_results  # noqa: E402
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent / 'synthetic_nuscenes'))
+from test_writer import gt_copy_results  # noqa: E402
 
 SCRIPT = str(__import__('pathlib').Path(__file__).resolve().parents[2] / 'scripts' / 'plot_pr_curves.py')
 

@@ -20,8 +20,8 @@ from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, buil
 # The reference algorithm (upstream ``MatrixVT.get_proj_mat``) written independently of the code under test: its
 # 7-dim geometry and cell indices, then the Python loops that fill the ring / ray matrices, as the benchmark's
 # baseline runs them.
-from bevdepth.utils.benchmark import (reference_cells, reference_loop_from_cells,
-                                      reference_style_geometry as reference_geometry)
+from benchmarking.suite import (reference_cells, reference_loop_from_cells,
+                                reference_style_geometry as reference_geometry)
 
 SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[3].parent / 'shared' / 'spec' / 'matrixvt_state_dict.txt'
 

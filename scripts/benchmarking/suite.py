@@ -63,7 +63,8 @@ __all__ = [
 
 CONFIG_MODULES = {'full': nuscenes_configs, 'tiny': tiny_configs}
 SECTIONS = ('ring_ray', 'view_transform', 'train_step', 'dataset', 'depth_gt')
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(SCRIPTS_DIR)
 MEMORY_METHOD = ('fresh subprocess per case; peak RSS increase over one forward+backward = VmHWM (reset via '
                  '/proc/self/clear_refs) - VmRSS at the reset, inputs and model already allocated')
 EQUALITY_RTOL = 1e-5
@@ -520,9 +521,9 @@ def peak_memory_mb(config, case, batch_size, timeout=600):
     (see ``MEMORY_METHOD``). Returns None where /proc/self/clear_refs is unavailable (non-Linux)."""
     if not os.path.exists('/proc/self/clear_refs'):
         return None
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, SCRIPTS_DIR, os.environ.get('PYTHONPATH', '')]),
                TORCH_DEVICE_BACKEND_AUTOLOAD='0')
-    cmd = [sys.executable, '-m', 'bevdepth.utils.benchmark', '--memory-case', config, case, str(batch_size)]
+    cmd = [sys.executable, '-m', 'benchmarking.suite', '--memory-case', config, case, str(batch_size)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f'peak-memory subprocess for {config}/{case} failed: {proc.stderr.strip()[-800:]}')
@@ -772,7 +773,7 @@ def _write_synthetic_dataroot(root, config, samples_per_scene):
     """A one-scene synthetic v1.0-mini dataroot (1600x900 JPEGs, LiDAR) with its info files; returns the train
     info path. Sweeps are not written: the single-frame training pipeline never reads them."""
     from bevdepth.datasets.info_builder import write_infos
-    from bevdepth.datasets.synthetic_nuscenes import write_synthetic_nuscenes
+    from synthetic_nuscenes.writer import write_synthetic_nuscenes
 
     write_synthetic_nuscenes(root, version='v1.0-mini', seed=0, scenes_per_split=1,
                              samples_per_scene=samples_per_scene, with_sweeps=False, overwrite=True)
@@ -1121,5 +1122,5 @@ if __name__ == '__main__':
     if len(sys.argv) == 5 and sys.argv[1] == '--memory-case':
         _memory_main(sys.argv[2:])
     else:
-        sys.exit('usage: python -m bevdepth.utils.benchmark --memory-case <config> <case> <batch>; '
+        sys.exit('usage: python -m benchmarking.suite --memory-case <config> <case> <batch>; '
                  'the benchmark itself is scripts/benchmark.py')

@@ -10,7 +10,7 @@ with their real mean sizes (+-10 %), cars about half of them, 5-45 m around an e
 5-9 m/s near global (400, 1100). Objects are either static or move at a constant velocity along their heading,
 so annotated velocities are exact and learnable. Every scene holds every class within its evaluation range,
 so a split's GT copied as predictions scores mAP = NDS = 1 in ``DetectionEval``. Cameras and LiDAR are
-rendered by ``synthetic_render``.
+rendered by ``synthetic_nuscenes.render``.
 
 Scene names are those of ``nuscenes.utils.splits`` mini_train / mini_val, so ``eval_set='mini_val'`` works.
 Everything derives from the seed: a scene's content from ``default_rng([seed, scene number])`` (so the first
@@ -30,12 +30,13 @@ import time
 import cv2
 import numpy as np
 
-from bevdepth.datasets.errors import DataError
-from bevdepth.datasets.synthetic_render import CameraRenderer, LidarScanner
 from bevdepth.datasets.depth_projection import record_to_matrix
+from bevdepth.datasets.errors import DataError
+from synthetic_nuscenes.render import CameraRenderer, LidarScanner
 
 SUPPORTED_VERSION = 'v1.0-mini'
 MARKER_FILE = 'synthetic_nuscenes.json'
+# Identifies a synthetic root in its marker file; fixed so that roots already written stay recognised.
 GENERATOR_NAME = 'bevdepth.datasets.synthetic_nuscenes'
 TABLE_NAMES = ('category', 'attribute', 'visibility', 'instance', 'sensor', 'calibrated_sensor', 'ego_pose',
                'log', 'scene', 'sample', 'sample_data', 'sample_annotation', 'map')

@@ -1,4 +1,4 @@
-"""bevdepth.utils.visualize and scripts/visualize_nusc.py: boxes are projected with the box translation as the
+"""bevdepth.evaluators.visualize and scripts/visualize_nusc.py: boxes are projected with the box translation as the
 CENTRE (the reference visualizer lifted predictions by half their height), clipped, and land on the objects
 of the synthetic images."""
 import json
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from pyquaternion import Quaternion
 
-from bevdepth.utils.visualize import (CAMERA_GRID, GT_COLOUR, load_results, project_box_edges, render_bev,
-                                      render_sample, sample_boxes, select_info, write_png)
+from bevdepth.evaluators.visualize import (CAMERA_GRID, GT_COLOUR, load_results, project_box_edges,
+                                           render_bev, render_sample, sample_boxes, select_info, write_png)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 FOCAL, CX, CY, WIDTH, HEIGHT = 1000.0, 800.0, 450.0, 1600, 900
@@ -161,7 +161,7 @@ def test_projected_gt_centres_have_the_rendered_object_colour(synthetic_dataroot
         infos = pickle.load(f)
 
     def centre_pixel(info, ann, cam, lift=0.0):
-        from bevdepth.utils.visualize import global_to_camera
+        from bevdepth.evaluators.visualize import global_to_camera
 
         cam_info = info['cam_infos'][cam]
         centre = np.asarray(ann['translation'], dtype=float) + [0.0, 0.0, lift]

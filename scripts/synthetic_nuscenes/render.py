@@ -1,4 +1,4 @@
-"""Camera and LiDAR rendering for the synthetic nuScenes writer (``synthetic_nuscenes``).
+"""Camera and LiDAR rendering for the synthetic nuScenes writer (``synthetic_nuscenes.writer``).
 
 The world is a flat ground plane (global z = 0) with oriented boxes standing on it. Frames follow nuScenes:
 global/ego x forward, y left, z up; box-local x along the length; camera x right, y down, z forward.

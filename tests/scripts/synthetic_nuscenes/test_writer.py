@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from bevdepth.datasets import synthetic_nuscenes as synth
 from bevdepth.datasets.depth_projection import load_lidar_points, quaternion_to_matrix
 from bevdepth.datasets.errors import DataError
+from synthetic_nuscenes import writer as synth
 
 CAMERAS = synth.CAMERA_CHANNELS
 DETECTION_CLASSES = synth.DETECTION_CLASSES
