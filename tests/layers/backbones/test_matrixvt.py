@@ -539,12 +539,12 @@ def test_sparse_pairs_are_cell_major_and_csr_consistent(rig):
 
 def test_sparse_build_int64_indices_equal_int32(rig, monkeypatch):
     # Batches too large for int32 keys take int64 indices; force that layout on a small batch and compare.
-    import bevdepth.layers.backbones.matrixvt as matrixvt_module
+    import bevdepth.ops.ring_ray_projection as kernels
     _, _, cells, bev_size = cells_for('tiny', rig, seed=7)
     narrow = build_sparse_projection(cells, bev_size)
     assert narrow.pair_row.dtype == torch.int32 and narrow.triple_depth.dtype == torch.int32
-    real_layout = matrixvt_module._key_layout
-    monkeypatch.setattr(matrixvt_module, '_key_layout',
+    real_layout = kernels._key_layout
+    monkeypatch.setattr(kernels, '_key_layout',
                         lambda *args: real_layout(*args)._replace(dtype=torch.int64))
     wide = build_sparse_projection(cells, bev_size)
     assert wide.pair_row.dtype == torch.int64 and wide.triple_depth.dtype == torch.int64
