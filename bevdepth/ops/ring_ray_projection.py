@@ -33,6 +33,8 @@ from typing import NamedTuple, Optional
 import numpy
 import torch
 
+from bevdepth.ops.device_branch import autocast_off, branch_type
+
 __all__ = [
     'SparseProjection', 'PROJECTION_MODES', 'SPARSE_DTYPES', 'geometry_to_cells', 'frustum_row_features',
     'frustum_cells', 'fast_cells_supported', 'cells_to_flat_index', 'build_ring_ray', 'build_sparse_projection',
@@ -123,7 +125,7 @@ def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, 
     batch_size, num_cams = sensor2ego_mat.shape[:2]
     num_views = batch_size * num_cams
     dtype = row_features.dtype
-    with torch.autocast(device_type=row_features.device.type, enabled=False):
+    with autocast_off(row_features.device):
         inv_ida = torch.inverse(ida_mat.reshape(num_views, 4, 4).to(dtype))
         combine = sensor2ego_mat.reshape(num_views, 4, 4).to(dtype).matmul(
             torch.inverse(intrin_mat.reshape(num_views, 4, 4).to(dtype)))
@@ -149,8 +151,8 @@ def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, 
 
 def fast_cells_supported(device):
     """``frustum_cells`` runs in float64: used in eager mode on CPU / CUDA; NPU and tracing / ONNX export use the
-    reference-order float32 geometry instead."""
-    device_type = device.type if isinstance(device, torch.device) else str(device).split(':')[0]
+    reference-order float32 geometry instead. Follows ``device_branch.branch_type`` (forcible on CPU)."""
+    device_type = branch_type(device)
     exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
     return device_type in ('cpu', 'cuda') and not exporting
 
@@ -195,8 +197,8 @@ def build_ring_ray(cells, bev_size):
 
 def _masked(values, mask):
     """1-D tensor of ``values[mask]`` (row-major order). On CPU through NumPy's compaction (~1.5x faster than
-    ``masked_select`` on one thread); elsewhere ``masked_select``."""
-    if values.device.type == 'cpu':
+    ``masked_select`` on one thread); elsewhere ``masked_select`` (``device_branch.branch_type``, forcible on CPU)."""
+    if branch_type(values.device) == 'cpu':
         return torch.from_numpy(values.numpy()[mask.numpy()])
     return torch.masked_select(values, mask)
 
@@ -219,7 +221,7 @@ def _sorted_unique_kept(keys, keep):
     (NumPy's boolean compaction costs as much as the sort it saves). Elsewhere masked_select + ``torch.sort``.
     Values only (no permutation): the keys encode everything the caller needs.
     """
-    if keys.device.type == 'cpu':
+    if branch_type(keys.device) == 'cpu':  # forcible on CPU: device_branch
         num_kept = int(numpy.count_nonzero(keep.numpy()))
         _fill_dropped_(keys, keep, torch.iinfo(keys.dtype).max)
         keys = keys.view(-1)
@@ -431,7 +433,7 @@ SPARSE_DTYPES = (torch.float32, torch.float64)  # dtypes of the CSR sparse-dense
 def _no_autocast(tensor):
     """Context without autocast on ``tensor``'s device: the CSR products must run in the inputs' own dtype
     (autocast is still on during backward when ``loss.backward()`` is called inside the autocast block)."""
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
+    return autocast_off(tensor.device)
 
 
 class _CellProjection(torch.autograd.Function):
@@ -500,14 +502,12 @@ def project_sparse(feat_prime, depth_prime, sparse):
 
 def resolve_projection(projection, device):
     """'auto' -> 'dense' on NPU or while tracing / exporting (matrix products: cube units, fixed-shape exportable
-    graph), 'sparse' elsewhere (CPU / GPU)."""
+    graph), 'sparse' elsewhere (CPU / GPU). The device type is ``device_branch.branch_type`` (forcible on CPU)."""
     if projection not in PROJECTION_MODES:
         raise ValueError(f"projection must be one of {PROJECTION_MODES}, got {projection!r}")
     if projection != 'auto':
         return projection
-    # str parsing: torch.device('npu') only parses once torch_npu is imported.
-    device_type = device.type if isinstance(device, torch.device) else str(device).split(':')[0]
     exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
-    if device_type == 'npu' or exporting:
+    if branch_type(device) == 'npu' or exporting:
         return 'dense'
     return 'sparse'

@@ -12,6 +12,7 @@ from torch import nn
 from bevdepth.layers.backbones.depth_net import DepthNet
 from bevdepth.layers.backbones.resnet import ResNet
 from bevdepth.layers.backbones.second_fpn import SECONDFPN
+from bevdepth.ops.device_branch import autocast_off
 from bevdepth.ops.voxel_pooling import voxel_pooling
 
 __all__ = ['BaseLSSFPN', 'DepthAggregation', 'create_frustum', 'frustum_to_ego']
@@ -52,7 +53,7 @@ def frustum_to_ego(frustum, sensor2ego_mat, intrin_mat, ida_mat, bda_mat=None):
     num_views = batch_size * num_cams
     dtype = frustum.dtype
     # fp32 even under autocast: an fp16 matmul would move points across cell borders.
-    with torch.autocast(device_type=frustum.device.type, enabled=False):
+    with autocast_off(frustum.device):
         sensor2ego_mat, intrin_mat, ida_mat = (m.to(dtype).reshape(num_views, 4, 4)
                                                for m in (sensor2ego_mat, intrin_mat, ida_mat))
         points = frustum.reshape(1, -1, 4).expand(num_views, -1, 4)  # (B * N, P, 4), no copy
@@ -89,7 +90,7 @@ class DepthAggregation(nn.Module):
         )
 
     def forward(self, x):
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             x = self.reduce_conv(x.float())
             x = self.conv(x) + x
             return self.out_conv(x)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bevdepth.layers.backbones.base_lss_fpn import BaseLSSFPN
+from bevdepth.ops.device_branch import autocast_off
 from bevdepth.ops.ring_ray_projection import (PROJECTION_MODES, SparseProjection, build_ring_ray,  # noqa: F401
                                               build_sparse_projection, cells_to_flat_index, fast_cells_supported,
                                               frustum_cells, frustum_row_features, geometry_to_cells,
@@ -49,7 +50,7 @@ class HoriConv(nn.Module):
         )
 
     def forward(self, x, pe=None):
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             x = x.float()
             x = self.merger(x if pe is None else torch.cat([x, pe.float()], 1))
             x = x.max(2)[0]
@@ -86,7 +87,7 @@ class DepthReducer(nn.Module):
         )
 
     def forward(self, feat, depth):
-        with torch.autocast(device_type=feat.device.type, enabled=False):
+        with autocast_off(feat.device):
             vert_weight = self.vertical_weighter(feat.float()).softmax(2)  # (B * N, 1, H, W)
             return (depth.float() * vert_weight).sum(2)
 
@@ -239,7 +240,7 @@ class MatrixVT(BaseLSSFPN):
         Returns:
             (B, C, L, L) BEV features.
         """
-        with torch.autocast(device_type=feature.device.type, enabled=False):
+        with autocast_off(feature.device):
             depth_prime = self.depth_reducer(feature, depth)  # (B * N, D, W)
             feat_prime = self.horiconv(feature)  # (B * N, C, W)
             batch_size = mats_dict['intrin_mats'].shape[0]
@@ -266,7 +267,7 @@ class MatrixVT(BaseLSSFPN):
         img_feats = self.get_cam_feats(sweep_imgs)[:, 0]
         depth_feature = self._forward_depth_net(img_feats.reshape(batch_size * num_cams, *img_feats.shape[2:]),
                                                 mats_dict)
-        with torch.autocast(device_type=depth_feature.device.type, enabled=False):
+        with autocast_off(depth_feature.device):
             feature = depth_feature[:, self.depth_channels:self.depth_channels + self.output_channels].float()
             depth = depth_feature[:, :self.depth_channels].float().softmax(1)
             bev = self.reduce_and_project(feature, depth, mats_dict, sweep_index=sweep_index).contiguous()

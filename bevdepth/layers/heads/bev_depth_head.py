@@ -24,15 +24,8 @@ from torch import nn
 from bevdepth.layers.backbones.resnet import ResNet
 from bevdepth.layers.backbones.second_fpn import SECONDFPN
 from bevdepth.ops.circle_nms import circle_nms
+from bevdepth.ops.device_branch import autocast_off
 from bevdepth.ops.gaussian import draw_heatmap_gaussians, gaussian_radius
-
-_AUTOCAST_DEVICE_TYPES = ('cuda', 'npu', 'xpu', 'mps')
-
-
-def autocast_off(device):
-    """A context that disables autocast for ``device`` (falls back to 'cpu' for types autocast does not know)."""
-    device_type = device.type if device.type in _AUTOCAST_DEVICE_TYPES else 'cpu'
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def reduce_mean(tensor):
