@@ -51,3 +51,12 @@ def synthetic_dataroot(tmp_path_factory):
     write_depth_cache(root, info_paths=[root / 'nuscenes_infos_train.pkl', root / 'nuscenes_infos_val.pkl'],
                       workers=1)
     return root
+
+
+@pytest.fixture
+def device_branch(monkeypatch):
+    """``bevdepth.ops.device_branch.force_device_branch``, with no forcing from the environment: use it as
+    ``with device_branch('cuda'): ...`` to run a CPU tensor through another device's branch."""
+    from bevdepth.ops.device_branch import FORCE_ENV, force_device_branch
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    return force_device_branch

@@ -33,7 +33,6 @@ import pickle
 
 import numpy as np
 import torch
-from pyquaternion import Quaternion
 from torch.utils.data import Dataset
 
 from bevdepth.configs.nuscenes import IMG_CONF
@@ -44,6 +43,8 @@ from bevdepth.datasets.depth_projection import rigid_inverse
 from bevdepth.datasets.errors import DataError
 from bevdepth.datasets.image_aug import (fast_image_pipeline, ida_matrix, reference_image_pipeline,
                                          sample_ida_augmentation)
+from bevdepth.utils.geometry import (quaternion_inverse, quaternion_multiply, quaternion_yaw, rotation_matrices,
+                                     rotation_matrix)
 
 # nuScenes general category -> detection class (upstream ``map_name_from_general_to_detection``); 'ignore' is dropped.
 CATEGORY_TO_DETECTION = {
@@ -109,7 +110,7 @@ def load_infos(info_paths):
 def pose_matrix(pose):
     """4x4 float64 transform of a nuScenes record with 'rotation' [w, x, y, z] and 'translation' [3]."""
     mat = np.eye(4)
-    mat[:3, :3] = Quaternion(pose['rotation']).rotation_matrix
+    mat[:3, :3] = rotation_matrix(pose['rotation'])
     mat[:3, 3] = pose['translation']
     return mat
 
@@ -119,16 +120,6 @@ def mean_ego_pose(cam_infos, cams):
     rotation = np.mean([cam_infos[cam]['ego_pose']['rotation'] for cam in cams], 0)
     translation = np.mean([cam_infos[cam]['ego_pose']['translation'] for cam in cams], 0)
     return translation, rotation
-
-
-def _rotation_matrices(quaternions):
-    """(n, 4) [w, x, y, z] quaternions (any norm) -> (n, 3, 3) rotation matrices of the normalised ones."""
-    w, x, y, z = (quaternions / np.linalg.norm(quaternions, axis=1, keepdims=True)).T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
 
 
 def gt_boxes_in_mean_ego(info, cams, classes):
@@ -150,20 +141,15 @@ def gt_boxes_in_mean_ego(info, cams, classes):
         return torch.zeros((0, 9), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
     translation, rotation = mean_ego_pose(info['cam_infos'], cams)
     # pyquaternion's inverse: conjugate / |q|^2 (the mean of unit quaternions is not a unit quaternion).
-    inverse = np.asarray(rotation, dtype=np.float64) * np.array([1.0, -1.0, -1.0, -1.0])
-    inverse = inverse / np.dot(rotation, rotation)
-    rot = _rotation_matrices(inverse[None])[0]
+    inverse = quaternion_inverse(rotation)
+    rot = rotation_matrices(inverse[None])[0]
     centres = np.array([ann['translation'] for ann, _ in anns], dtype=np.float64) - translation
     sizes = np.array([ann['size'] for ann, _ in anns], dtype=np.float64)  # [w, l, h]
     # NaN velocities (first/last frame of an instance) would poison the regression loss.
     velocities = np.nan_to_num(np.array([ann.get('velocity', (0.0, 0.0, 0.0)) for ann, _ in anns],
                                         dtype=np.float64))
     quats = np.array([ann['rotation'] for ann, _ in anns], dtype=np.float64)
-    w0, x0, y0, z0 = inverse
-    left = np.array([[w0, -x0, -y0, -z0], [x0, w0, -z0, y0], [y0, z0, w0, -x0], [z0, -y0, x0, w0]])
-    quats = quats @ left.T  # Hamilton product inverse * q_box
-    w, x, y, z = (quats / np.linalg.norm(quats, axis=1, keepdims=True)).T
-    yaw = np.arctan2(2 * (w * z - x * y), 1 - 2 * (y * y + z * z))
+    yaw = quaternion_yaw(quaternion_multiply(inverse, quats))  # yaw of inverse * q_box
     boxes = np.concatenate([centres @ rot.T, sizes[:, [1, 0, 2]], yaw[:, None], (velocities @ rot.T)[:, :2]], 1)
     labels = [classes.index(name) for _, name in anns]
     return torch.from_numpy(boxes.astype(np.float32)), torch.tensor(labels, dtype=torch.int64)

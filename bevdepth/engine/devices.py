@@ -7,7 +7,7 @@ NVIDIA GPUs and CPUs:
 - ``NPUAccelerator`` + ``register_npu_accelerator()`` - Lightning 2's extension point for a new device type;
 - ``npu_strategy()`` / ``npu_precision_plugin()`` / ``trainer_device_kwargs()`` - what Lightning 2.6 does not do
   for a third-party device (see the notes on each);
-- ``resolve_accelerator()``, ``ddp_backend_for()``, ``synchronize()``, ``autocast_device_type()``,
+- ``resolve_accelerator()``, ``ddp_backend_for()``, ``synchronize()``,
   ``fused_adamw_or_none()``;
 - ``pin_rank_cpu_affinity()`` - replaces the seed's patched Lightning 1.6.5 ``subprocess_script.py``, which
   prefixed every DDP child with ``taskset`` (``_SubprocessScriptLauncher._call_children_scripts`` in the Ascend
@@ -36,9 +36,7 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from bevdepth.configs.settings import ACCELERATORS, PRECISION_ALIASES
-# synchronize() and autocast_device_type() live below the engine so callbacks and layers can use them; they are
-# part of this module's interface too.
-from bevdepth.ops.precision import autocast_device_type  # noqa: F401
+# synchronize() lives below the engine so callbacks can use it; it is part of this module's interface too.
 from bevdepth.utils.device_sync import device_type as _device_type, synchronize  # noqa: F401
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import shutil
 import tempfile
 
 import numpy as np
-from pyquaternion import Quaternion
 
 from bevdepth.utils.io import atomic_json_dump
 
@@ -95,7 +94,9 @@ def boxes_to_global_entries(boxes, scores, labels, img_meta, class_names):
     Returns:
         list of result dicts (devkit submission format).
     """
+    # Evaluation only (not on the training path): the devkit and pyquaternion are imported here.
     from nuscenes.utils.data_classes import Box
+    from pyquaternion import Quaternion
 
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.size == 0:

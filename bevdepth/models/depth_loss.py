@@ -9,7 +9,7 @@ cross-entropy on the patches that have a label, in fp32, times ``loss_weight`` (
 import torch
 import torch.nn.functional as F
 
-from bevdepth.ops.precision import autocast_off
+from bevdepth.ops.device_branch import autocast_off
 
 
 class DepthLoss:

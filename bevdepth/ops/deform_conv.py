@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
+from bevdepth.ops.device_branch import branch_type
+
 __all__ = ['DeformConv2dPack', 'deform_conv2d', 'deform_conv2d_grid_sample', 'deform_conv2d_npu', 'npu_offset_order']
 
 BACKENDS = ('auto', 'torchvision', 'grid_sample', 'npu')
@@ -132,7 +134,8 @@ def deform_conv2d(x, offset, weight, stride=(1, 1), padding=(0, 0), dilation=(1,
         raise ValueError(f'deform_conv2d: offset has {offset.shape[1]} channels, expected {expected} '
                          f'(= 2 * deform_groups {deform_groups} * {kernel_h} * {kernel_w})')
     if backend == 'auto':
-        backend = 'npu' if _is_npu(x) else 'grid_sample' if x.device.type == 'cpu' else 'torchvision'
+        # branch_type: a forced 'cuda' (or 'npu') branch runs the torchvision kernel on CPU tensors too.
+        backend = 'npu' if _is_npu(x) else 'grid_sample' if branch_type(x.device) == 'cpu' else 'torchvision'
     if backend == 'npu':
         return deform_conv2d_npu(x, offset, weight, stride, padding, dilation, groups, deform_groups, bias)
     # Neither torchvision's CPU kernel nor CPU grid_sample has an fp16 version (under CUDA autocast torchvision

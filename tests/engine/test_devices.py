@@ -184,17 +184,13 @@ def test_ddp_backend_auto_without_npu(no_npu):
     assert devices.ddp_backend_for('auto') == expected
 
 
-def test_synchronize_and_autocast_type(fake_npu):
+def test_synchronize(fake_npu):
     devices.synchronize('npu:0')
     assert ('synchronize', 'npu:0') in fake_npu.calls
     calls_before = len(fake_npu.calls)
     devices.synchronize(torch.device('cpu'))
     devices.synchronize(None)
     assert len(fake_npu.calls) == calls_before
-    assert devices.autocast_device_type('npu:3') == 'npu'
-    assert devices.autocast_device_type(torch.device('cuda', 0)) == 'cuda'
-    assert devices.autocast_device_type(torch.device('cpu')) == 'cpu'
-    assert devices.autocast_device_type('meta') == 'cpu'
 
 
 def test_fused_adamw_only_for_npu_parameters(fake_npu):

@@ -12,7 +12,7 @@ from torch import nn
 from bevdepth.layers.backbones.depth_net import DepthNet
 from bevdepth.layers.backbones.resnet import ResNet
 from bevdepth.layers.backbones.second_fpn import SECONDFPN
-from bevdepth.ops.precision import autocast_off
+from bevdepth.ops.device_branch import autocast_off
 from bevdepth.ops.voxel_pooling import voxel_pooling
 
 __all__ = ['BaseLSSFPN', 'DepthAggregation', 'create_frustum', 'frustum_to_ego']

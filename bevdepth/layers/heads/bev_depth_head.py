@@ -24,8 +24,8 @@ from torch import nn
 from bevdepth.layers.backbones.resnet import ResNet
 from bevdepth.layers.backbones.second_fpn import SECONDFPN
 from bevdepth.ops.circle_nms import circle_nms
+from bevdepth.ops.device_branch import autocast_off
 from bevdepth.ops.gaussian import draw_heatmap_gaussians, gaussian_radius
-from bevdepth.ops.precision import autocast_off
 
 
 def reduce_mean(tensor):

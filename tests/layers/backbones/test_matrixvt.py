@@ -13,7 +13,7 @@ from bevdepth.configs import nuscenes as nus_conf
 from bevdepth.configs import tiny as tiny_conf
 from bevdepth.layers.backbones.base_lss_fpn import create_frustum, frustum_to_ego
 from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, build_ring_ray, build_sparse_projection,
-                                                frustum_cells, frustum_row_features,
+                                                fast_cells_supported, frustum_cells, frustum_row_features,
                                                 cells_to_flat_index, geometry_to_cells, project_dense,
                                                 project_sparse, resolve_projection, ring_ray_from_sparse,
                                                 sparse_from_ring_ray)
@@ -541,12 +541,12 @@ def test_sparse_pairs_are_cell_major_and_csr_consistent(rig):
 
 def test_sparse_build_int64_indices_equal_int32(rig, monkeypatch):
     # Batches too large for int32 keys take int64 indices; force that layout on a small batch and compare.
-    import bevdepth.layers.backbones.matrixvt as matrixvt_module
+    import bevdepth.ops.ring_ray_projection as kernels
     _, _, cells, bev_size = cells_for('tiny', rig, seed=7)
     narrow = build_sparse_projection(cells, bev_size)
     assert narrow.pair_row.dtype == torch.int32 and narrow.triple_depth.dtype == torch.int32
-    real_layout = matrixvt_module._key_layout
-    monkeypatch.setattr(matrixvt_module, '_key_layout',
+    real_layout = kernels._key_layout
+    monkeypatch.setattr(kernels, '_key_layout',
                         lambda *args: real_layout(*args)._replace(dtype=torch.int64))
     wide = build_sparse_projection(cells, bev_size)
     assert wide.pair_row.dtype == torch.int64 and wide.triple_depth.dtype == torch.int64
@@ -567,3 +567,108 @@ def test_sparse_build_leaves_cells_alone_unless_writable(rig):
     assert not torch.equal(planes.permute(1, 2, 3, 0), before)  # overwritten, as allowed
     for name in ('pair_row', 'pair_cell', 'triple_pair', 'triple_depth', 'cell_crow'):
         assert torch.equal(getattr(writable, name), getattr(expected, name)), name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Device-only branches forced on CPU (bevdepth.ops.device_branch): each equals the CPU path.
+# ------------------------------------------------------------------------------------------------------------
+
+SPARSE_FIELDS = ('pair_row', 'pair_cell', 'triple_pair', 'triple_depth', 'cell_crow')
+
+
+@pytest.mark.parametrize('name', ['full', 'tiny'])
+@pytest.mark.parametrize('branch', ['cuda', 'npu'])
+def test_sparse_build_torch_branch_equals_numpy_branch(name, branch, rig, device_branch):
+    # masked_select + torch.sort (GPU / NPU) vs NumPy compaction and in-place sort (CPU): identical structure.
+    _, _, cells, bev_size = cells_for(name, rig, seed=9)
+    expected = build_sparse_projection(cells, bev_size)
+    with device_branch(branch):
+        forced = build_sparse_projection(cells, bev_size)
+    for field in SPARSE_FIELDS:
+        assert getattr(forced, field).dtype == getattr(expected, field).dtype, field
+        assert torch.equal(getattr(forced, field), getattr(expected, field)), field
+    feat, depth = torch.randn(2, cells.shape[1], 3), torch.rand(2, cells.shape[1], cells.shape[2])
+    with device_branch(branch):
+        torch.testing.assert_close(project_sparse(feat, depth, forced), project_sparse(feat, depth, expected))
+
+
+def test_compaction_helpers_torch_branch_equal_numpy_branch(device_branch):
+    from bevdepth.ops import ring_ray_projection as kernels
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.int32, torch.int64):
+        keys = torch.randint(0, 500, (3, 40, 7), generator=gen).to(dtype)  # many duplicates
+        keep = torch.rand(3, 40, 7, generator=gen) > 0.3
+        expected = kernels._sorted_unique_kept(keys.clone(), keep.clone())
+        masked = kernels._masked(keys, keep)
+        with device_branch('cuda'):
+            assert torch.equal(kernels._sorted_unique_kept(keys.clone(), keep.clone()), expected)
+            assert torch.equal(kernels._masked(keys, keep), masked)
+        assert torch.equal(expected, torch.unique(keys[keep]).to(dtype))
+        assert torch.equal(masked, keys[keep])
+    distinct = torch.randperm(1000, generator=gen)[:300].to(torch.int32)  # the all-distinct early return
+    keep = torch.rand(300, generator=gen) > 0.5
+    with device_branch('npu'):
+        assert torch.equal(kernels._sorted_unique_kept(distinct.clone(), keep), torch.sort(distinct[keep]).values)
+
+
+def test_npu_branch_picks_dense_projection_and_reference_cells(tiny_model, device_branch):
+    model = tiny_model.eval()
+    mats = make_mats(synthetic_rig(), tiny_ida_conf(), batch_size=2, seed=11)
+    imgs = torch.randn(2, 1, 6, 3, 64, 192, generator=torch.Generator().manual_seed(3))
+    model.projection = 'auto'
+    with torch.no_grad():
+        expected_bev, expected_depth = model(imgs, mats, is_return_depth=True)
+        assert model._proj_cache[1] == 'sparse'
+        fast_cells = model.get_geom_cells(mats)
+        with device_branch('npu'):
+            assert resolve_projection('auto', 'cpu') == 'dense' and not fast_cells_supported('cpu')
+            slow_cells = model.get_geom_cells(mats)
+            bev, depth = model(imgs, mats, is_return_depth=True)
+            assert model._proj_cache[1] == 'dense'
+    geom = model.get_geometry(mats['sensor2ego_mats'][:, 0], mats['intrin_mats'][:, 0], mats['ida_mats'][:, 0],
+                              mats['bda_mat'])
+    assert torch.equal(slow_cells, geometry_to_cells(geom, model.voxel_coord, model.voxel_size))
+    # float64 row moments vs the float32 reference order: a point within rounding of a border may flip.
+    assert (slow_cells != fast_cells).float().mean() < 1e-4
+    torch.testing.assert_close(depth, expected_depth)
+    _rel_close(bev, expected_bev)
+    model._proj_cache = None
+
+
+def test_cuda_branch_fp32_islands_turn_cuda_autocast_off(tiny_model, device_branch, monkeypatch):
+    # CUDA autocast state can be switched on without a GPU: each fp32 island must switch off autocast for the
+    # device type the model runs on ('cuda' here), not for the tensors' 'cpu'. Each island is entered on its own
+    # (nested islands would hide a broken inner one).
+    model = tiny_model.eval()
+    seen = {}
+
+    def record(name):
+        def hook(*_args):  # the first call only: the island entered on its own
+            seen.setdefault(name, torch.is_autocast_enabled('cuda'))
+        return hook
+
+    mats = make_mats(synthetic_rig(), tiny_ida_conf(), batch_size=1, seed=12)
+    feats, probs = torch.randn(6, 32, 4, 12), torch.randn(6, 56, 4, 12).softmax(1)
+    real_reduce_and_project = model.reduce_and_project
+
+    def reduce_and_project(*args, **kwargs):
+        record('forward_single_sweep')()
+        return real_reduce_and_project(*args, **kwargs)
+
+    hooks = [model.horiconv.merger.register_forward_pre_hook(record('horiconv')),
+             model.depth_reducer.vertical_weighter.register_forward_pre_hook(record('depth_reducer'))]
+    try:
+        torch.set_autocast_enabled('cuda', True)
+        with torch.no_grad(), device_branch('cuda'):
+            model.horiconv(feats)
+            model.depth_reducer(feats, probs)
+            hooks.append(model.depth_reducer.register_forward_pre_hook(record('reduce_and_project')))
+            model.reduce_and_project(feats, probs, mats)
+            monkeypatch.setattr(model, 'reduce_and_project', reduce_and_project)
+            model(torch.randn(1, 1, 6, 3, 64, 192), mats)
+        assert torch.is_autocast_enabled('cuda')  # restored after each island
+    finally:
+        torch.set_autocast_enabled('cuda', False)
+        for hook in hooks:
+            hook.remove()
+    assert seen == dict.fromkeys(['horiconv', 'depth_reducer', 'reduce_and_project', 'forward_single_sweep'], False)
