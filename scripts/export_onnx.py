@@ -25,9 +25,10 @@ import torch  # noqa: E402
 
 from bevdepth.deploy.errors import DeployError  # noqa: E402
 from benchmarking.suite import measure_interleaved  # noqa: E402
-from bevdepth.deploy import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, build_experiment, dcn_mode,  # noqa: E402
-                             calibrate_heatmap_bias, create_session, decode_outputs, export_onnx, load_model_weights,
-                             randomise_for_parity, run_session)
+from bevdepth.configs.settings import STRUCTURAL  # noqa: E402
+from bevdepth.deploy import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, build_experiment,  # noqa: E402
+                             build_experiment_for_checkpoint, calibrate_heatmap_bias, create_session, dcn_mode,
+                             decode_outputs, export_onnx, randomise_for_parity, run_session)
 
 
 def parse_args(argv=None):
@@ -113,10 +114,11 @@ def run(args):
         torch.set_num_threads(args.threads)
     if args.random_init:
         torch.manual_seed(args.seed)  # the same weights on every run with the same --seed
-    exp = build_experiment(args.exp, args.data_root, args.version)
+    if args.ckpt is not None:  # the model the checkpoint's saved configuration describes, without its flags
+        exp = build_experiment_for_checkpoint(args.exp, args.ckpt, args.data_root, args.version)
+    else:
+        exp = build_experiment(args.exp, args.data_root, args.version)
     model = exp.model
-    if args.ckpt is not None:
-        load_model_weights(model, args.ckpt)
     model.eval()
     imgs, mats_dict, img_metas = load_sample(exp, args.sample, args.info_path)
     if args.random_init:
@@ -127,7 +129,7 @@ def run(args):
 
     start = time.perf_counter()
     metadata = export_onnx(model, mats_dict, args.out, opset=args.opset, dynamic_mats=args.dynamic_mats,
-                           dcn=args.dcn)
+                           dcn=args.dcn, settings={name: exp.config[name] for name in STRUCTURAL})
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, opset {metadata["opset"]}, '
           f'dcn={metadata["dcn"]}, dynamic_mats={metadata["dynamic_mats"]}) in {time.perf_counter() - start:.1f} s')
 

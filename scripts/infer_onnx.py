@@ -117,7 +117,7 @@ def write_results(exp, results, img_metas, out_path, run_eval):
 def run(args):
     session = create_session(args.onnx, num_threads=args.threads)
     metadata = read_export_metadata(session)
-    exp = build_experiment(args.exp, args.data_root, args.version)
+    exp = build_experiment(args.exp, args.data_root, args.version, saved_config=metadata.get('settings'))
     exp.model.eval()
     results, img_metas, latencies = infer_dataset(session, metadata, exp, args.mats_atol, args.workers,
                                                   args.info_path, args.max_samples)

@@ -5,7 +5,8 @@ DeformConv / GridSample DCN, trace-safe projection); onnx_runtime: sessions, run
 experiment_loading: experiment files and checkpoints; parity: test subjects without a checkpoint.
 """
 from bevdepth.deploy.errors import DeployError
-from bevdepth.deploy.experiment_loading import build_experiment, load_experiment_class, load_model_weights
+from bevdepth.deploy.experiment_loading import (build_experiment, build_experiment_for_checkpoint, load_experiment_class,
+                                                load_model_weights)
 from bevdepth.deploy.onnx_export import (DCN_MODES, DEFAULT_OPSET, HEAD_NAMES, MATS_INPUT_NAMES,
                                          MatrixVTExportWrapper, export_onnx, head_output_names)
 from bevdepth.deploy.onnx_ops import dcn_mode, deform_conv2d_grid_sample, inverse_4x4, register_onnx_symbolics
@@ -14,7 +15,7 @@ from bevdepth.deploy.onnx_runtime import (create_session, decode_outputs, mats_m
 from bevdepth.deploy.parity import calibrate_heatmap_bias, randomise_for_parity
 
 __all__ = ['DCN_MODES', 'DEFAULT_OPSET', 'DeployError', 'HEAD_NAMES', 'MATS_INPUT_NAMES', 'MatrixVTExportWrapper',
-           'build_experiment', 'calibrate_heatmap_bias', 'create_session', 'dcn_mode', 'decode_outputs',
+           'build_experiment', 'build_experiment_for_checkpoint', 'calibrate_heatmap_bias', 'create_session', 'dcn_mode', 'decode_outputs',
            'deform_conv2d_grid_sample', 'export_onnx', 'head_output_names', 'inverse_4x4', 'load_experiment_class',
            'load_model_weights', 'mats_mismatch', 'outputs_to_preds', 'randomise_for_parity', 'read_export_metadata',
            'register_onnx_symbolics', 'run_session']

@@ -4,11 +4,11 @@ import importlib.util
 import os
 import sys
 
-import torch
-
 from bevdepth.deploy.errors import DeployError
+from bevdepth.models.checkpoints import (check_weights_fit, load_network_weights, network_weights, read_checkpoint,
+                                         saved_config)
 
-__all__ = ['load_experiment_class', 'build_experiment', 'load_model_weights']
+__all__ = ['load_experiment_class', 'build_experiment', 'build_experiment_for_checkpoint', 'load_model_weights']
 
 
 def load_experiment_class(exp_path):
@@ -37,48 +37,35 @@ def load_experiment_class(exp_path):
     return leaves[0]
 
 
-def build_experiment(exp_path, data_root=None, version=None):
-    """Instantiate the experiment class of ``exp_path`` (data_root / version override its defaults)."""
+def build_experiment(exp_path, data_root=None, version=None, saved_config=None):
+    """Instantiate the experiment class of ``exp_path``.
+
+    ``saved_config``: the configuration a checkpoint (or an exported graph) was made with; its structural settings
+    rebuild exactly that model (bevdepth/configs/settings.py). data_root / version override the defaults.
+    """
+    from bevdepth.configs.settings import STRUCTURAL
+
     exp_class = load_experiment_class(exp_path)
-    kwargs = {}
+    overrides = {name: value for name, value in (saved_config or {}).items() if name in STRUCTURAL}
     if data_root is not None:
-        kwargs['data_root'] = data_root
+        overrides['data_root'] = data_root
     if version is not None:
-        kwargs['version'] = version
-    return exp_class(**kwargs)
+        overrides['version'] = version
+    return exp_class(**overrides)
 
 
-def _read_checkpoint(ckpt_path):
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f'checkpoint {ckpt_path} not found; pass an EMA <epoch>.pth or a Lightning .ckpt')
-    try:
-        return torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception:
-        # Lightning .ckpt files also pickle hyper-parameters and RNG states (numpy objects), which the
-        # weights-only unpickler refuses; the user's own checkpoint is trusted input here.
-        return torch.load(ckpt_path, map_location='cpu', weights_only=False)
+def build_experiment_for_checkpoint(exp_path, ckpt_path, data_root=None, version=None):
+    """The experiment of ``exp_path`` rebuilt from the configuration saved in ``ckpt_path``, weights loaded."""
+    checkpoint = read_checkpoint(ckpt_path, flag='--ckpt')
+    exp = build_experiment(exp_path, data_root, version, saved_config=saved_config(checkpoint))
+    weights = network_weights(checkpoint)
+    check_weights_fit(exp.model, weights, ckpt_path, type(exp).__name__)
+    exp.model.load_state_dict(weights)
+    return exp
 
 
 def load_model_weights(model, ckpt_path):
-    """Load ``model`` (the experiment's ``.model``) from an EMA ``<epoch>.pth`` ({'state_dict': {'model.<key>'}})
-    or a Lightning ``.ckpt``; raise a clear error when the checkpoint belongs to another architecture."""
-    checkpoint = _read_checkpoint(ckpt_path)
-    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise DeployError(f'checkpoint {ckpt_path} holds no state_dict (got {type(checkpoint).__name__})')
-    if any(key.startswith('model.') for key in state):
-        state = {key[len('model.'):]: value for key, value in state.items() if key.startswith('model.')}
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong_shape = [f'{key} {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}' for key in expected
-                   if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
-    if missing or unexpected or wrong_shape:
-        details = '; '.join(part for part in (
-            f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
-            f'{len(unexpected)} unexpected (e.g. {unexpected[0]})' if unexpected else '',
-            f'{len(wrong_shape)} with another shape (e.g. {wrong_shape[0]})' if wrong_shape else '') if part)
-        raise DeployError(f'checkpoint {ckpt_path} does not match the experiment\'s architecture: {details}; '
-                          f'pass the experiment file the checkpoint was trained with')
-    model.load_state_dict(state)
+    """Load ``model`` (the experiment's ``.model``) from an EMA ``<epoch>.pth`` or a Lightning ``.ckpt`` with the
+    one checkpoint loader (bevdepth/models/checkpoints.py): one-line CheckpointError on bad files."""
+    load_network_weights(model, ckpt_path, flag='--ckpt')
     return model

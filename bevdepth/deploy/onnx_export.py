@@ -147,7 +147,7 @@ def _proj_mat_for(model, mats_dict):
 
 
 def export_onnx(model, sample_mats, out_path, opset=DEFAULT_OPSET, dynamic_mats=False, dcn='native',
-                image_size=None):
+                image_size=None, settings=None):
     """Export ``model`` (a ``MatrixVT_Det``) to ONNX at ``out_path`` (written atomically).
 
     Args:
@@ -159,6 +159,8 @@ def export_onnx(model, sample_mats, out_path, opset=DEFAULT_OPSET, dynamic_mats=
         dynamic_mats: make the matrices graph inputs (see module docstring).
         dcn: 'native' (ONNX DeformConv) or 'grid_sample' (decomposition).
         image_size: (H, W) of the input images; defaults to the backbone's ``final_dim``.
+        settings: the structural settings of the model's experiment, kept in the metadata so inference rebuilds
+            the same experiment (bevdepth/configs/settings.py).
     Returns:
         dict of the export metadata (also stored in the model's ``metadata_props``).
     """
@@ -199,6 +201,7 @@ def export_onnx(model, sample_mats, out_path, opset=DEFAULT_OPSET, dynamic_mats=
         image_size=[int(image_h), int(image_w)], num_tasks=num_tasks, output_names=output_names,
         input_names=input_names,
         baked_mats=None if dynamic_mats else {name: mats_dict[name].tolist() for name in MATS_INPUT_NAMES},
+        settings=dict(settings or {}),
     )
     onnx_model = onnx.load_from_string(buffer.getvalue())
     entry = onnx_model.metadata_props.add()

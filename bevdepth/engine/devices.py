@@ -36,6 +36,7 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from bevdepth.configs.settings import ACCELERATORS, PRECISION_ALIASES
+from bevdepth.engine.errors import UsageError
 # synchronize() lives below the engine so callbacks can use it; it is part of this module's interface too.
 from bevdepth.utils.device_sync import device_type as _device_type, synchronize  # noqa: F401
 
@@ -195,12 +196,12 @@ def resolve_accelerator(name: Union[str, Accelerator]) -> Union[str, Accelerator
         raise ValueError(f'unknown accelerator {name!r}; choose one of {", ".join(ACCELERATOR_CHOICES)}')
     if key == 'npu':
         if not is_npu_available():
-            raise RuntimeError(f'--accelerator npu requested but no NPU is usable: {npu_unavailable_reason()}')
+            raise UsageError(f'--accelerator npu requested but no NPU is usable: {npu_unavailable_reason()}')
         register_npu_accelerator()
         return NPUAccelerator()
     if key in ('gpu', 'cuda'):
         if not torch.cuda.is_available():
-            raise RuntimeError(f'--accelerator {key} requested but torch.cuda.is_available() is False '
+            raise UsageError(f'--accelerator {key} requested but torch.cuda.is_available() is False '
                                f'(torch {torch.__version__}); use --accelerator cpu, npu or auto')
         return 'cuda'
     if key == 'auto' and is_npu_available():

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from bevdepth.models.checkpoints import CheckpointError
 import torch
 
 onnx = pytest.importorskip('onnx')
@@ -168,10 +170,25 @@ def test_checkpoint_of_other_architecture_is_rejected(tiny_exp, tmp_path):
     state[key] = torch.zeros(3, 3, 3, 3)
     bad = tmp_path / 'bad.pth'
     torch.save({'state_dict': state}, bad)
-    with pytest.raises(DeployError, match='does not match the experiment'):
+    with pytest.raises(CheckpointError, match='does not fit MatrixVT_Det'):
         load_model_weights(tiny_exp.model, str(bad))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match='does not exist: check --ckpt'):
         load_model_weights(tiny_exp.model, str(tmp_path / 'missing.pth'))
+
+
+def test_export_keeps_the_structural_settings_of_a_checkpoint(tiny_exp, tmp_path):
+    """A checkpoint trained with a non-default model setting exports (and infers) that model without its flags."""
+    from bevdepth.configs.settings import CHECKPOINT_KEY
+    from bevdepth.deploy import build_experiment_for_checkpoint
+
+    narrow = type(tiny_exp)(head_channels=16, final_dim=[64, 192], data_root='unused', version='v1.0-mini')
+    path = tmp_path / 'narrow.pth'
+    torch.save({'state_dict': {'model.' + k: v for k, v in narrow.model.state_dict().items()},
+                CHECKPOINT_KEY: narrow.config}, path)
+    rebuilt = build_experiment_for_checkpoint(str(TINY_EXP), str(path), data_root="unused")
+    assert rebuilt.config['head_channels'] == 16 and rebuilt.config['final_dim'] == [64, 192]
+    for key, value in narrow.model.state_dict().items():
+        assert torch.equal(rebuilt.model.state_dict()[key], value), key
 
 
 # ------------------------------------------------------------------------------------------- scripts

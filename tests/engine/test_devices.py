@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bevdepth.engine import devices
+from bevdepth.engine.errors import UsageError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -97,7 +98,7 @@ def test_npu_probe_explains_missing_cann_libraries(no_npu):
     reason = devices.npu_unavailable_reason()
     assert 'libhccl.so' in reason and 'set_env.sh' in reason
     assert not devices.register_npu_accelerator()
-    with pytest.raises(RuntimeError, match='--accelerator npu requested but no NPU is usable: .*libhccl.so'):
+    with pytest.raises(UsageError, match='--accelerator npu requested but no NPU is usable: .*libhccl.so'):
         devices.resolve_accelerator('npu')
 
 
@@ -165,7 +166,7 @@ def test_resolve_accelerator_without_npu(no_npu):
     assert devices.resolve_accelerator('auto') == 'auto'
     assert devices.default_accelerator() == 'auto'
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match='torch.cuda.is_available\\(\\) is False'):
+        with pytest.raises(UsageError, match='torch.cuda.is_available\\(\\) is False'):
             devices.resolve_accelerator('gpu')
         assert devices.accelerator_kind('auto') == 'cpu'
 
