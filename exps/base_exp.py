@@ -194,8 +194,8 @@ class BEVDepthLightningModel(SkipOptimizerStepMixin, pl.LightningModule):
         self.log('detection_loss', detection_loss, prog_bar=True, batch_size=len(gt_boxes))
         self.log('depth_loss', depth_loss, prog_bar=True, batch_size=len(gt_boxes))
         loss = detection_loss + depth_loss
-        self.skipped_optimizer_step = self.loss_guard.should_skip(
-            loss, {'detection_loss': detection_loss, 'depth_loss': depth_loss}, self.global_step)
+        self.mark_micro_batch(self.loss_guard.should_skip(
+            loss, {'detection_loss': detection_loss, 'depth_loss': depth_loss}, self.global_step))
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):

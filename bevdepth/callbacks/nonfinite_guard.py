@@ -72,16 +72,35 @@ def _as_float(value):
 
 
 class SkipOptimizerStepMixin:
-    """LightningModule mixin: no optimiser step when ``self.skipped_optimizer_step`` was set by training_step.
+    """LightningModule mixin: no optimiser step when a micro-batch of the step had a non-finite loss.
 
-    Forward and backward run here (Lightning's closure) so the decision taken in training_step is known before
-    stepping; gradient clipping and AMP unscaling still happen inside ``optimizer.step`` as usual.
+    ``training_step`` reports each micro-batch with :meth:`mark_micro_batch`; under ``accumulate_grad_batches`` the
+    optimiser step is skipped if any micro-batch of its window was bad (their gradients are in the sum). Forward and
+    backward of the last micro-batch run here (Lightning's closure) so the decision is known before stepping;
+    gradient clipping and AMP unscaling still happen inside ``optimizer.step`` as usual. Under fp16 AMP a skipped
+    step also lowers the GradScaler's scale by its backoff factor, as an inf gradient would have.
     """
 
     skipped_optimizer_step = False
+    _bad_in_window = False
+
+    def mark_micro_batch(self, bad):
+        """Record whether this micro-batch's loss was non-finite; returns whether the coming step is skipped."""
+        self._bad_in_window = bool(self._bad_in_window or bad)
+        self.skipped_optimizer_step = self._bad_in_window
+        return self.skipped_optimizer_step
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         loss = optimizer_closure()
-        if self.skipped_optimizer_step:
+        skip, self._bad_in_window = self.skipped_optimizer_step, False
+        if skip:
+            lower_grad_scale(getattr(getattr(self, '_trainer', None), 'precision_plugin', None))
             return
         optimizer.step(closure=lambda: loss)
+
+
+def lower_grad_scale(precision_plugin):
+    """Multiply the fp16 GradScaler's scale by its backoff factor (no-op without an enabled scaler)."""
+    scaler = getattr(precision_plugin, 'scaler', None)
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())

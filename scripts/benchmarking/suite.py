@@ -105,6 +105,8 @@ TARGETS = [
     _target('MatrixVT VT fwd+bwd >= 5x faster than LSS', 'view_transform', 'speedup_vs_lss', 5.0),
     _target('MatrixVT VT peak memory >= 5x lower than LSS', 'view_transform', 'memory_ratio_vs_lss', 5.0),
     _target('dataset pipeline >= 2x the reference-style samples/s per worker', 'dataset', 'speedup', 2.0),
+    _target('training step bf16 >= 1.8x faster than fp32 (CPU with AMX / AVX512-BF16)', 'train_step',
+            'bf16_speedup', 1.8),
 ]
 
 
@@ -697,47 +699,131 @@ def _train_batch(config, batch_size, seed=0):
     return imgs, mats, gt_boxes, gt_labels, depth
 
 
-def bench_train_step(config, batch_size=1, repeats=3, warmup=1, vt_time_s=None, lss_time_s=None):
-    """Whole-model training step (forward, losses, backward, AdamW step) of MatrixVT_Det.
+TRAIN_PRECISIONS = ('32-true', 'bf16-mixed')
 
-    vt_time_s / lss_time_s: standalone view-transform fwd+bwd times at the same shapes (measured here when
-    None); ``vt_share`` = vt_time_s / step time, ``lss_share`` what LSS would take of the same step.
-    """
-    from bevdepth.models.depth_loss import DepthLoss
-    from bevdepth.models.matrixvt_det import MatrixVT_Det
 
-    module, backbone_conf = _config_parts(config)
+def _experiment(config):
+    """The experiment LightningModule of a benchmark configuration (random init: no ImageNet download)."""
+    sys.path.insert(0, REPO_ROOT)
+    if config == 'tiny':
+        from exps.nuscenes.tiny.matrixvt_tiny_synthetic import MatrixVTTinyExp
+        return MatrixVTTinyExp(data_root='unused', num_workers=0)
+    from exps.nuscenes.MatrixVT.matrixvt_bev_depth_lss_r50_256x704_128x128_24e_ema import MatrixVT_Exp
+    return MatrixVT_Exp(data_root='unused', num_workers=0)
+
+
+class _StepTimer:
+    """Callback factory: wall time of every training batch, from batch start to the end of the EMA update."""
+
+    @staticmethod
+    def create():
+        from pytorch_lightning.callbacks import Callback
+
+        class StepTimer(Callback):
+            def __init__(self):
+                self.times, self._start = [], None
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self._start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.times.append(time.perf_counter() - self._start)
+
+        return StepTimer()
+
+
+def _experiment_train_batch(module, batch_size, seed=0):
+    """One batch in the layout of the experiment's training_step, at its input size."""
+    config = 'tiny' if module.config['base_config'] == 'tiny' else 'full'
+    imgs, mats, gt_boxes, gt_labels, depth = _train_batch(config, batch_size, seed)
+    return [imgs, mats, None, [{}] * batch_size, gt_boxes, gt_labels, depth]
+
+
+def _fit_steps(config, precision, batch, steps):
+    """Per-step times of ``steps`` steps of the experiment's own training step through pl.Trainer (gradient clip,
+    AMP / GradScaler plugin, EMA update), and the losses."""
+    import pytorch_lightning as pl
+
+    from bevdepth.callbacks.ema import EMACallback
+
     torch.manual_seed(0)
-    model = MatrixVT_Det(backbone_conf, module.head_conf(), is_train_depth=True)
-    model.backbone.auto_cache = False
-    model.train()
-    depth_loss_fn = DepthLoss(backbone_conf['downsample_factor'], backbone_conf['d_bound'])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-7)
-    imgs, mats, gt_boxes, gt_labels, depth_labels = _train_batch(config, batch_size)
+    module = _experiment(config)
     losses = []
+    original_step = module.training_step
+
+    def training_step(*args, **kwargs):  # the module's own step; the loss is only recorded
+        loss = original_step(*args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    module.training_step = training_step
+    timer = _StepTimer.create()
+    trainer = pl.Trainer(accelerator='cpu', devices=1, precision=precision, max_steps=steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=module.config['gradient_clip_val'], num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[EMACallback(), timer])  # EMA first: its update is timed
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None, collate_fn=lambda item: item)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.times, losses, module
+
+
+def _backbone_floor(module, batch, precision, repeats):
+    """Forward + backward of the image ResNet alone at the step's input: the floor of a training step."""
+    backbone = module.model.backbone.img_backbone
+    imgs = batch[0].flatten(0, 2)
+    if module.config['channels_last']:
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if precision.startswith('bf16') else None
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        preds, depth_preds = model(imgs, mats)
-        targets = model.get_targets(gt_boxes, gt_labels)
-        detection_loss = model.loss(targets, preds)
-        if isinstance(detection_loss, (tuple, list)):
-            detection_loss = detection_loss[0]
-        loss = detection_loss + depth_loss_fn(depth_labels, depth_preds)
+        with torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = sum(out.float().mean() for out in backbone(imgs))
         loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        backbone.zero_grad(set_to_none=True)
 
-    times = measure_interleaved(dict(step=step), repeats, warmup)
-    step_s = times['step']['median_s']
-    if vt_time_s is None or lss_time_s is None:
-        vt = bench_view_transform(config, batch_size, repeats=repeats, warmup=warmup, measure_memory=False)
-        vt_time_s, lss_time_s = vt['cases']['module_sparse']['time_s'], vt['cases']['lss']['time_s']
-    return dict(batch_size=batch_size, step_s=step_s, runs_s=times['step']['runs_s'],
-                samples_per_s=batch_size / step_s, vt_time_s=vt_time_s, vt_share=vt_time_s / step_s,
-                lss_time_s=lss_time_s, lss_share=lss_time_s / (step_s - vt_time_s + lss_time_s),
-                losses_finite=bool(np.all(np.isfinite(losses))),
-                num_parameters=sum(p.numel() for p in model.parameters()))
+    return measure_interleaved(dict(floor=step), repeats, warmup=1)['floor']['median_s']
+
+
+def bench_train_step(config, batch_size=1, repeats=3, warmup=2, vt_time_s=None, lss_time_s=None,
+                     precisions=TRAIN_PRECISIONS):
+    """The experiment's own training step (``training_step`` + backward + gradient clip + AdamW + EMA update, through
+    ``pl.Trainer`` with its precision plugin) of the tiny or the full configuration, fp32 and bf16 side by side in
+    one process, and the image backbone's own forward + backward at the same input (the floor of a step).
+
+    Per precision: ``step_s`` (median over ``repeats`` rounds of the per-step median after ``warmup`` steps; the
+    precisions alternate round by round), ``floor_s`` and ``overhead_pct`` = step / floor - 1. ``bf16_speedup`` =
+    fp32 step / bf16 step. vt_time_s / lss_time_s: standalone view-transform fwd+bwd times at the same shapes
+    (measured here when None); ``vt_share`` = vt_time_s / the fp32 step, ``lss_share`` what LSS would take of it.
+    """
+    per_precision = {precision: dict(step_runs_s=[], losses=[]) for precision in precisions}
+    batch = None
+    for _ in range(repeats):
+        for precision in precisions:
+            if batch is None:
+                batch = _experiment_train_batch(_experiment(config), batch_size)
+            times, losses, module = _fit_steps(config, precision, batch, warmup + 3)
+            per_precision[precision]['step_runs_s'].append(float(np.median(times[warmup:])))
+            per_precision[precision]['losses'] += losses
+    for precision, figures in per_precision.items():
+        figures['step_s'] = float(np.median(figures['step_runs_s']))
+        figures['samples_per_s'] = batch_size / figures['step_s']
+        figures['floor_s'] = _backbone_floor(module, batch, precision, repeats)
+        figures['overhead_pct'] = 100.0 * (figures['step_s'] / figures['floor_s'] - 1.0)
+        figures['losses_finite'] = bool(np.all(np.isfinite(figures.pop('losses'))))
+    fp32 = per_precision.get('32-true')
+    results = dict(batch_size=batch_size, precisions=per_precision,
+                   num_parameters=sum(p.numel() for p in module.model.parameters()),
+                   losses_finite=all(figures['losses_finite'] for figures in per_precision.values()))
+    if fp32 is not None:
+        results.update(step_s=fp32['step_s'], samples_per_s=fp32['samples_per_s'])
+        if 'bf16-mixed' in per_precision:
+            results['bf16_speedup'] = fp32['step_s'] / per_precision['bf16-mixed']['step_s']
+        if vt_time_s is None or lss_time_s is None:
+            vt = bench_view_transform(config, batch_size, repeats=repeats, warmup=1, measure_memory=False)
+            vt_time_s, lss_time_s = vt['cases']['module_sparse']['time_s'], vt['cases']['lss']['time_s']
+        results.update(vt_time_s=vt_time_s, vt_share=vt_time_s / fp32['step_s'], lss_time_s=lss_time_s,
+                       lss_share=lss_time_s / (fp32['step_s'] - vt_time_s + lss_time_s))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -1078,9 +1164,15 @@ def format_table(results):
             rows += _view_transform_rows(res['view_transform'])
         if 'train_step' in res:
             ts = res['train_step']
-            rows.append(('train step', f"MatrixVT_Det, B={ts['batch_size']}", _fmt(ts['step_s'], 'ms'),
-                         f"{_fmt(ts['samples_per_s'], '/s')} samples, VT share {_fmt(ts['vt_share'], '%')} "
-                         f"(LSS would take {_fmt(ts['lss_share'], '%')})"))
+            for precision, figures in ts['precisions'].items():
+                rows.append(('train step', f"experiment's own step, {precision}, B={ts['batch_size']}",
+                             _fmt(figures['step_s'], 'ms'),
+                             f"{_fmt(figures['samples_per_s'], '/s')} samples; backbone floor "
+                             f"{_fmt(figures['floor_s'], 'ms')}, overhead {figures['overhead_pct']:.0f} %"))
+            if 'bf16_speedup' in ts:
+                rows.append(('train step', 'bf16 vs fp32', _fmt(ts['bf16_speedup'], 'x'),
+                             f"VT share {_fmt(ts['vt_share'], '%')} of the fp32 step (LSS would take "
+                             f"{_fmt(ts['lss_share'], '%')})"))
         data = res.get('dataset', {})
         if 'dataset' in data:
             ds = data['dataset']

@@ -24,18 +24,18 @@ class PoisonedModule(SkipOptimizerStepMixin, pl.LightningModule):
         loss = self.model(x).pow(2).mean()
         if batch_idx in self.bad_batches:
             loss = loss * float('nan')
-        self.skipped_optimizer_step = self.loss_guard.should_skip(loss, {'detection_loss': loss, 'depth_loss': 0.5},
-                                                                  self.global_step)
+        self.mark_micro_batch(self.loss_guard.should_skip(loss, {'detection_loss': loss, 'depth_loss': 0.5},
+                                                          self.global_step))
         return loss
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, module, callbacks=()):
+def fit(tmp_path, module, callbacks=(), **trainer_kwargs):
     trainer = pl.Trainer(accelerator='cpu', devices=1, max_epochs=1, default_root_dir=tmp_path, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         gradient_clip_val=5, callbacks=list(callbacks))
+                         gradient_clip_val=5, callbacks=list(callbacks), **trainer_kwargs)
     trainer.fit(module, DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=2))
     return trainer
 
@@ -68,3 +68,23 @@ def test_guard_counts_and_validates():
     assert not guard.should_skip(torch.tensor(2.0), {}, 2) and guard.consecutive_bad_steps == 0
     with pytest.raises(ValueError, match='max_bad_steps'):
         NonFiniteLossGuard(0)
+
+
+def test_a_bad_micro_batch_skips_its_whole_accumulated_step(tmp_path):
+    """accumulate_grad_batches=2: batch 2 is NaN, so the step of batches 2-3 is skipped, not only batch 3's."""
+    module = PoisonedModule(bad_batches={2})
+    fit(tmp_path, module, accumulate_grad_batches=2)
+    before = module.weights_before  # 6 batches = 3 windows of 2
+    assert torch.equal(before[2], before[4])  # weights unchanged across the skipped window
+    assert not torch.equal(before[0], before[2]) and torch.isfinite(module.model.weight).all()
+
+
+def test_a_skipped_fp16_step_lowers_the_grad_scale_as_an_inf_gradient_would(tmp_path):
+    """The real fp16 AMP path on CPU: Lightning's MixedPrecision plugin with torch.amp.GradScaler('cpu')."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0, growth_interval=1000)
+    module = PoisonedModule(bad_batches={1, 3})
+    fit(tmp_path, module, plugins=[MixedPrecision('16-mixed', 'cpu', scaler)])
+    assert scaler.get_scale() == 1024.0 * 0.5 ** 2  # two skipped steps, two backoffs
+    assert torch.isfinite(module.model.weight).all()

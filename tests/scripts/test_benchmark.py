@@ -40,6 +40,11 @@ def test_json_has_every_section(quick_tiny_results):
     assert tiny['view_transform']['shapes']['bev'] == [1, 32, 64, 64]
     assert tiny['train_step']['samples_per_s'] > 0 and tiny['train_step']['losses_finite']
     assert 0 < tiny['train_step']['vt_share'] < 1
+    # The experiment's own step in fp32 and bf16, each with its backbone floor and the overhead above it.
+    for precision in ('32-true', 'bf16-mixed'):
+        figures = tiny['train_step']['precisions'][precision]
+        assert 0 < figures['floor_s'] < figures['step_s'] and figures['overhead_pct'] > 0 and figures['losses_finite']
+    assert tiny['train_step']['bf16_speedup'] > 0
     for name in ('dataset', 'depth_gt'):
         section = tiny['dataset'][name]
         assert section['ours_samples_per_s'] > 0 and section['reference_style_samples_per_s'] > 0
@@ -73,7 +78,7 @@ def test_equality_checks_passed(quick_tiny_results):
 def test_targets_reported_with_verdicts(quick_tiny_results):
     results, stdout = quick_tiny_results
     targets = results['configs']['tiny']['targets']
-    assert len(targets) == 7
+    assert len(targets) == 8
     for target in targets:
         assert target['passed'] in (True, False), target
     by_key = {t['key']: t for t in targets}
