@@ -22,8 +22,13 @@ def main(argv=None):
     parser.add_argument('--version', default='v1.0-trainval', choices=['v1.0-trainval', 'v1.0-mini'])
     parser.add_argument('--out_dir', '--out', dest='out_dir', required=True, help='folder for the PNGs')
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.results):
-        sys.exit(f'error: results file {args.results} does not exist: run the evaluation (-e) first')
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bevdepth.evaluators.visualize import load_results
+
+    try:  # the same checks (missing, not JSON, not a results file) and messages as scripts/visualize_nusc.py
+        load_results(args.results)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f'error: {err}')
     if not os.path.isdir(os.path.join(args.data_root, args.version)):
         sys.exit(f"error: nuScenes tables '{args.version}' not found under {args.data_root}: pass --data_root "
                  f'and the matching --version')

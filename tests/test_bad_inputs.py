@@ -27,6 +27,7 @@ import subprocess
 import sys
 from typing import Callable, Optional
 
+import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -236,6 +237,20 @@ def missing_image_in_dataloader_worker(ctx):
     return _cli(ctx, '--data_root', root, '--version', 'v1.0-mini', '-b', 1, '--max_epochs', 1, workers=1)
 
 
+def image_of_another_aspect_in_training(ctx):
+    """A cropped copy (1600x800) of a camera image in the training split: the calibration no longer describes its
+    pixels. Sample 1 holds it, so it is met mid-training, by the data loader."""
+    import cv2
+
+    cropped = ctx.tmp_path / 'cropped.jpg'
+    image = cv2.imdecode(np.frombuffer(_real_jpeg(ctx), np.uint8), cv2.IMREAD_COLOR)
+    cv2.imwrite(str(cropped), image[:image.shape[0] * 8 // 9])
+    infos = copy.deepcopy(_train_infos(ctx)[:2])
+    infos[1]['cam_infos']['CAM_FRONT']['filename'] = os.path.relpath(cropped, ctx.tmp_path / 'cropped_dataroot')
+    root = _dataroot_view(ctx, 'cropped_dataroot', infos=infos)
+    return _cli(ctx, '--data_root', root, '--version', 'v1.0-mini', '-b', 1, '--max_epochs', 1)
+
+
 def truncated_jpeg(ctx):
     path = ctx.tmp_path / 'truncated.jpg'
     data = _real_jpeg(ctx)
@@ -354,6 +369,9 @@ ROWS = [
     Row('missing image, read in a DataLoader worker during training', missing_image_in_dataloader_worker,
         r'^error: image file \S*missing_images_dataroot/samples/CAM_\w+/missing\.jpg does not exist: check data_root',
         ERROR),
+    Row('image of another aspect ratio than its calibration, met during training', image_of_another_aspect_in_training,
+        r'^error: image file \S*cropped\.jpg is 1600x800 \(aspect 2\.000\) but its calibration describes 1600x900 '
+        r'\(aspect 1\.778\): the intrinsics do not fit these pixels', ERROR),
     Row('truncated JPEG', truncated_jpeg,
         r'^DataError: image file \S*truncated\.jpg is a truncated JPEG \(no end-of-image marker\)'),
     Row('corrupt JPEG', corrupt_jpeg,

@@ -23,6 +23,7 @@ convention): ``p_aug = ida_mat @ p_orig``.
 """
 import math
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -150,6 +151,37 @@ def decode_image_bgr(path, reduction=1):
     return img
 
 
+ASPECT_TOLERANCE = 0.02  # relative; a DCT-reduced decode rounds its sides up (1600x900 / 8 -> 200x113: 0.4 %)
+_warned_about_scale = False
+
+
+def check_image_geometry(path, decoded_size, reduction, expected_size):
+    """Refuse an image whose pixels the calibration does not describe; warn once per process about a rescaled one.
+
+    Args:
+        path: the image file (named in the messages).
+        decoded_size: (W, H) as decoded, after a JPEG DCT reduction by ``reduction`` (1 = full size).
+        expected_size: (W, H) the calibration describes (the info's width / height, nuScenes' 1600x900).
+
+    Another aspect ratio (a crop, a re-encoded copy): the intrinsics and the ida matrices no longer describe the
+    pixels, so training would silently learn wrong geometry -> DataError. Same aspect, other scale: the geometry
+    holds (the pipeline resizes to the nominal size) but resolution is lost -> one warning per process.
+    """
+    global _warned_about_scale
+    width, height = (int(v) * reduction for v in decoded_size)
+    expected_width, expected_height = (int(v) for v in expected_size)
+    aspect, expected_aspect = width / height, expected_width / expected_height
+    if abs(aspect - expected_aspect) > ASPECT_TOLERANCE * expected_aspect:
+        raise DataError(f'image file {os.fspath(path)} is {width}x{height} (aspect {aspect:.3f}) but its calibration '
+                        f'describes {expected_width}x{expected_height} (aspect {expected_aspect:.3f}): the intrinsics '
+                        f'do not fit these pixels; restore the original image (re-extract the nuScenes archive)')
+    if abs(width - expected_width) > reduction and not _warned_about_scale:
+        _warned_about_scale = True
+        warnings.warn(f'image file {os.fspath(path)} is {width}x{height}, not the calibrated {expected_width}x'
+                      f'{expected_height}: same aspect, so the geometry holds, but the network sees rescaled '
+                      f'pixels; use the original images (warned once)', stacklevel=2)
+
+
 def choose_decode_reduction(resize):
     """The largest JPEG DCT reduction (1, 2, 4, 8) that keeps the later up-scaling <= 1.25x."""
     reduction = 1
@@ -253,7 +285,10 @@ def fast_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img_conf
         # The reference resizes whatever the file holds to resize_dims; pick the DCT reduction from the
         # true scale when the file's size is known (info 'width'/'height'), else from the sampled factor.
         scale = newW / image_size[0] if image_size is not None else resize
-        img = decode_image_bgr(image, choose_decode_reduction(scale))
+        reduction = choose_decode_reduction(scale)
+        img = decode_image_bgr(image, reduction)
+        if image_size is not None:
+            check_image_geometry(image, (img.shape[1], img.shape[0]), reduction, image_size)
     fW, fH = crop[2] - crop[0], crop[3] - crop[1]
     src_h, src_w = img.shape[:2]
     if (src_w, src_h) != (newW, newH):
@@ -291,12 +326,13 @@ def reference_normalise(img, img_conf=IMG_CONF):
     return ((img - mean) * std_inv).astype(np.float32)
 
 
-def reference_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img_conf=IMG_CONF):
+def reference_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img_conf=IMG_CONF, image_size=None):
     """The reference's Pillow pipeline (upstream ``NuscDetDataset.get_image``), the baseline of the fast pipeline.
 
     Args:
         image: path of an image file or a PIL image; resize is unused by the pixels (only resize_dims
             is), as in the reference.
+        image_size (W, H) or None: the size the calibration describes; a file of another aspect is refused.
 
     Returns:
         numpy.ndarray: (3, fH, fW) float32 (BGR channel order with the reference's to_rgb=True).
@@ -311,6 +347,8 @@ def reference_image_pipeline(image, resize, resize_dims, crop, flip, rotate, img
         except (OSError, SyntaxError, ValueError) as err:
             raise DataError(f'image file {os.fspath(image)} is corrupt or not an image Pillow can decode '
                             f'({type(err).__name__}): re-extract or re-download it') from None
+        if image_size is not None:
+            check_image_geometry(image, img.size, 1, image_size)
     if img.mode != 'RGB':  # nuScenes JPEGs are RGB already; the reference never converted
         img = img.convert('RGB')
     img = img.resize(resize_dims)  # Pillow's default filter for RGB: bicubic (antialiased)

@@ -400,14 +400,13 @@ class NuscDetDataset(Dataset):
             for frame_id, cam_infos in enumerate(frames):
                 cam_info = cam_infos[cam]
                 path = os.path.join(self.data_root, cam_info['filename'])
+                size = (cam_info.get('width', self.ida_aug_conf['W']), cam_info.get('height', self.ida_aug_conf['H']))
                 if pipeline is fast_image_pipeline:
-                    size = (cam_info.get('width', self.ida_aug_conf['W']),
-                            cam_info.get('height', self.ida_aug_conf['H']))
                     fast_image_pipeline(path, resize, resize_dims, crop, flip, rotate, self.img_conf,
                                         image_size=size, out=imgs[frame_id, cam_id])
                 else:
                     imgs[frame_id, cam_id] = reference_image_pipeline(path, resize, resize_dims, crop, flip,
-                                                                      rotate, self.img_conf)
+                                                                      rotate, self.img_conf, image_size=size)
                 sweepsensor2keyego = (global2keyego @ pose_matrix(cam_info['ego_pose'])
                                       @ pose_matrix(cam_info['calibrated_sensor']))
                 sensor2ego[frame_id, cam_id] = sweepsensor2keyego

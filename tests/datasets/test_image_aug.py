@@ -232,3 +232,28 @@ def test_image_errors_name_the_file(tmp_path):
     empty.write_bytes(b'')
     with pytest.raises(DataError, match=r'empty\.jpg is empty'):
         fast_image_pipeline(empty, *params)
+
+
+def test_an_image_of_another_aspect_is_refused_and_a_rescaled_one_warned_once(tmp_path, monkeypatch):
+    from bevdepth.datasets import image_aug
+
+    monkeypatch.setattr(image_aug, '_warned_about_scale', False)
+    calibrated = (1600, 900)
+    image_aug.check_image_geometry('a.jpg', (200, 113), 8, calibrated)  # DCT-reduced decode rounds up: fine
+    with pytest.raises(DataError, match=r'image file b.jpg is 1600x800 \(aspect 2.000\) but its calibration '
+                                        r'describes 1600x900 \(aspect 1.778\)'):
+        image_aug.check_image_geometry('b.jpg', (1600, 800), 1, calibrated)
+    with pytest.warns(UserWarning, match='c.jpg is 800x450, not the calibrated 1600x900: same aspect'):
+        image_aug.check_image_geometry('c.jpg', (800, 450), 1, calibrated)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        image_aug.check_image_geometry('d.jpg', (800, 450), 1, calibrated)  # once per process
+    # Both pipelines check a file against the size they are given.
+    path = tmp_path / 'cropped.jpg'
+    cv2.imwrite(str(path), np.zeros((800, 1600, 3), np.uint8))
+    args = (0.44, (704, 352), (0, 96, 704, 352), False, 0.0)
+    with pytest.raises(DataError, match='cropped.jpg is 1600x800'):
+        fast_image_pipeline(str(path), *args, image_size=calibrated)
+    with pytest.raises(DataError, match='cropped.jpg is 1600x800'):
+        reference_image_pipeline(str(path), *args, image_size=calibrated)

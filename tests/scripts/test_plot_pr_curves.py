@@ -28,11 +28,13 @@ def test_writes_summary_and_per_class_plots(synthetic_dataroot, tmp_path):
     assert not [name for name in names if name.startswith('.pr_curves.')]  # scratch folder removed
 
 
-@pytest.mark.parametrize('case', ['missing results', 'missing version'])
+@pytest.mark.parametrize('case', ['missing results', 'missing version', 'corrupt results'])
 def test_bad_input_is_one_line(case, synthetic_dataroot, tmp_path):
     results = tmp_path / 'results_nusc.json'
     if case == 'missing version':
-        results.write_text('{}')
+        results.write_text('{"results": {}}')
+    if case == 'corrupt results':
+        results.write_text('{"results": {"token": [')  # a copy cut short
     version = 'v1.0-trainval' if case == 'missing version' else 'v1.0-mini'
     done = subprocess.run([sys.executable, SCRIPT, '--results', str(results), '--data_root', str(synthetic_dataroot),
                            '--version', version, '--out_dir', str(tmp_path / 'curves')],
@@ -40,3 +42,5 @@ def test_bad_input_is_one_line(case, synthetic_dataroot, tmp_path):
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), done.stderr
+    if case == 'corrupt results':
+        assert 'is not valid JSON' in lines[0] and 'regenerate it' in lines[0]
