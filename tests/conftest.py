@@ -60,3 +60,17 @@ def device_branch(monkeypatch):
     from bevdepth.ops.device_branch import FORCE_ENV, force_device_branch
     monkeypatch.delenv(FORCE_ENV, raising=False)
     return force_device_branch
+
+
+@pytest.fixture(scope='session')
+def real_mini_copy(real_mini_dataroot, tmp_path_factory):
+    """The real v1.0-mini frame behind symlinks (../shared stays read-only), with infos and the depth cache."""
+    from bevdepth.datasets.depth_cache import write_depth_cache
+    from bevdepth.datasets.info_builder import write_infos
+
+    root = tmp_path_factory.mktemp('real_mini')
+    for name in ('samples', 'maps', 'v1.0-mini'):
+        (root / name).symlink_to(real_mini_dataroot / name, target_is_directory=True)
+    write_infos(root, version='v1.0-mini', out_dir=root, progress=False)
+    write_depth_cache(root, info_paths=[root / 'nuscenes_infos_train.pkl'], workers=1, progress=False)
+    return root

@@ -667,20 +667,6 @@ def test_sweeps_and_previous_key_frames_on_the_synthetic_dataroot(synthetic_data
 
 
 # ----------------------------------------------------------------------------------- real nuScenes data
-@pytest.fixture(scope='module')
-def real_mini_copy(real_mini_dataroot, tmp_path_factory):
-    """The real v1.0-mini frame behind symlinks (../shared stays read-only), with infos and the depth cache."""
-    from bevdepth.datasets.depth_cache import write_depth_cache
-    from bevdepth.datasets.info_builder import write_infos
-
-    root = tmp_path_factory.mktemp('real_mini')
-    for name in ('samples', 'maps', 'v1.0-mini'):
-        (root / name).symlink_to(real_mini_dataroot / name, target_is_directory=True)
-    write_infos(root, version='v1.0-mini', out_dir=root, progress=False)
-    write_depth_cache(root, info_paths=[root / 'nuscenes_infos_train.pkl'], workers=1, progress=False)
-    return root
-
-
 def test_real_lidar_depth_cache_and_online_agree(real_mini_copy):
     """The real LIDAR_TOP cloud through the dataset: cached and online depth maps are identical."""
     maps = []

@@ -81,20 +81,6 @@ def imagenet_cache(tmp_path, monkeypatch):
     return state_dict
 
 
-@pytest.fixture(scope='module')
-def real_training_copy(real_mini_dataroot, tmp_path_factory):
-    """The real v1.0-mini frame (it has LiDAR) behind symlinks, with infos and the depth cache."""
-    from bevdepth.datasets.depth_cache import write_depth_cache
-    from bevdepth.datasets.info_builder import write_infos
-
-    root = tmp_path_factory.mktemp('real_mini_train')
-    for name in ('samples', 'maps', 'v1.0-mini'):
-        (root / name).symlink_to(real_mini_dataroot / name, target_is_directory=True)
-    write_infos(root, version='v1.0-mini', out_dir=root, progress=False)
-    write_depth_cache(root, info_paths=[root / 'nuscenes_infos_train.pkl'], workers=1, progress=False)
-    return root
-
-
 def test_imagenet_weights_load_into_the_backbone(imagenet_cache):
     model = cli.build_lightning_module(MatrixVT_Exp, _parse([]).config)
     assert model.load_pretrained_image_backbone('torchvision') == 318
@@ -109,12 +95,12 @@ def test_imagenet_weights_load_into_the_backbone(imagenet_cache):
 
 
 @pytest.mark.slow
-def test_a_training_step_on_real_data_keeps_the_imagenet_stem_frozen(imagenet_cache, real_training_copy, tmp_path,
+def test_a_training_step_on_real_data_keeps_the_imagenet_stem_frozen(imagenet_cache, real_mini_copy, tmp_path,
                                                                      capsys):
     root = tmp_path / 'run'
     model = cli.run_cli(MatrixVT_Exp, EXP_NAME, use_ema=True, exit_on_user_error=False, argv=[
         '--accelerator', 'cpu', '-b', '1', '--max_epochs', '1', '--limit_train_batches', '1', '--no-cbgs',
-        '--num_workers', '0', '--progress_bar', 'off', '--data_root', str(real_training_copy),
+        '--num_workers', '0', '--progress_bar', 'off', '--data_root', str(real_mini_copy),
         '--version', 'v1.0-mini', '--default_root_dir', str(root)])
     out = capsys.readouterr().out
     assert 'resnet50-0676ba61.pth (318 tensors loaded, fc.* not used)' in out
@@ -126,7 +112,7 @@ def test_a_training_step_on_real_data_keeps_the_imagenet_stem_frozen(imagenet_ca
     assert not torch.equal(backbone.layer1[0].conv1.weight.detach(), imagenet_cache['layer1.0.conv1.weight'])
 
 
-def test_offline_without_the_weights_fails_in_one_line_before_writing(real_training_copy, tmp_path):
+def test_offline_without_the_weights_fails_in_one_line_before_writing(real_mini_copy, tmp_path):
     torch_home = tmp_path / 'empty_torch_home'
     run_dir = tmp_path / 'run'
     # torchvision's V2 file is there, but only V1 may be used.
@@ -137,7 +123,7 @@ def test_offline_without_the_weights_fails_in_one_line_before_writing(real_train
                NO_PROXY='', PYTHONPATH=REPO_ROOT)
     result = subprocess.run(
         [sys.executable, MATRIXVT_SCRIPT, '--accelerator', 'cpu', '-b', '1', '--max_epochs', '1',
-         '--data_root', str(real_training_copy), '--version', 'v1.0-mini', '--default_root_dir', str(run_dir)],
+         '--data_root', str(real_mini_copy), '--version', 'v1.0-mini', '--default_root_dir', str(run_dir)],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
