@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Ascend NPU environment for the launch scripts (spec upstream-facts.md H.5). Source it, do not run it:
+# Ascend NPU environment for the launch scripts (the Ascend port's test/env_npu.sh). Source it, do not run it:
 #   source test/env_npu.sh
 # It finds the CANN toolkit (Install_Path in /etc/Ascend/ascend_cann_install.info, else /usr/local/Ascend;
 # ascend-toolkit if present, else nnae) and sources its set_env.sh. Where there is no CANN set_env.sh (CPU or

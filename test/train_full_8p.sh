@@ -1,5 +1,5 @@
 #!/bin/bash
-# Full run of the ModelZoo launch scripts (spec upstream-facts.md H.6): trains EPOCHS (24) epochs on RANK_SIZE
+# Full run of the ModelZoo launch scripts (the Ascend port's test/train_full_8p.sh): trains EPOCHS (24) epochs on RANK_SIZE
 # devices, evaluates the last EMA checkpoint with the official nuScenes devkit, then prints
 #   Final Performance images/sec : <FPS>        FPS = batch_size * RANK_SIZE / mean(last 50 step_time), 4 decimals
 #   E2E Training Duration sec : <seconds>

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Throughput run of the ModelZoo launch scripts (spec upstream-facts.md H.6): trains 1 epoch on RANK_SIZE
+# Throughput run of the ModelZoo launch scripts (the Ascend port's test/train_performance_8p.sh): trains 1 epoch on RANK_SIZE
 # devices, then prints
 #   Final Performance images/sec : <FPS>        FPS = batch_size * RANK_SIZE / mean(last 50 step_time), 4 decimals
 #   E2E Training Duration sec : <seconds>

@@ -1,4 +1,4 @@
-"""Per-step training time, printed as ``step_time=  <seconds>`` (spec upstream-facts.md G.4 / H.2).
+"""Per-step training time, printed as ``step_time=  <seconds>`` (the format of the Ascend port's patched Lightning ``TrainingEpochLoop.advance``).
 
 The Ascend seed patched Lightning's ``training_epoch_loop.py`` to print ``print("step_time= ", t)`` around
 ``run_training_batch``; ``test/train_performance_8p.sh`` greps ``step_time=\\s*<number>`` from the log and averages

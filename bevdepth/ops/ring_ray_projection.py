@@ -72,7 +72,7 @@ class SparseProjection(NamedTuple):
 
 
 def geometry_to_cells(geom, voxel_coord, voxel_size):
-    """Frustum geometry -> integer BEV cell of every (ray, depth bin), reference semantics (spec C.4 steps 1-3).
+    """Frustum geometry -> integer BEV cell of every (ray, depth bin), as upstream ``MatrixVT.get_proj_mat`` computes them.
 
     Args:
         geom: (B, N, D, H, W, 3) ego xyz (``get_geometry``).
@@ -103,7 +103,7 @@ def frustum_row_features(frustum, dtype=torch.float64):
 def frustum_cells(row_features, num_depth, sensor2ego_mat, intrin_mat, ida_mat, bda_mat, voxel_coord, voxel_size,
                   out_dtype=torch.long):
     """Integer BEV cells of the row-averaged frustum points straight from the camera matrices (fast path of
-    ``geometry_to_cells(frustum_to_ego(...))``, spec C.4 steps 1-3).
+    ``geometry_to_cells(frustum_to_ego(...))``, as in upstream ``MatrixVT.get_proj_mat``).
 
     Args:
         row_features: (fW * D, 21) from ``frustum_row_features`` (its dtype is the compute dtype).

@@ -6,7 +6,7 @@ candidate run in the same process, interleaved run by run (so a load change on a
 Sections (``run_benchmark(sections=...)``):
 
 * ``ring_ray``: building the MatrixVT projection from the camera matrices (what the reference's
-  ``get_proj_mat`` does). Baseline: the reference as written (7-dim broadcast geometry, spec C.4 steps 1-9 with
+  ``get_proj_mat`` does). Baseline: the reference as written (7-dim broadcast geometry, the cells and the Python-loop build of upstream ``MatrixVT.get_proj_mat``, with
   the Python loops: ``reference_style_proj_mat``). Candidates: the model's production path
   (``get_geom_cells`` row-moment cells + ``build_sparse_projection``; ``build_ring_ray`` for the NPU / ONNX
   path). From the same cells both builds must be bit-identical to the loop's; the few points whose cell differs
@@ -222,7 +222,7 @@ def nuscenes_like_mats(config, batch_size, seed=0, device='cpu'):
 # ----------------------------------------------------------------------------------------- ring / ray
 
 def reference_cells(geom, voxel_coord, voxel_size):
-    """Spec C.4 steps 1-3 as the reference writes them: (B, N, D, H, W, 3) geometry -> (B, N * W, D, 2) long
+    """The cells as upstream ``MatrixVT.get_proj_mat`` computes them: (B, N, D, H, W, 3) geometry -> (B, N * W, D, 2) long
     cells (normalise to cell units, mean over image rows, truncate with ``.long()``)."""
     geom = (geom - (voxel_coord - voxel_size / 2.0)) / voxel_size
     geom = geom.mean(3).permute(0, 1, 3, 2, 4).contiguous()  # (B, N, W, D, 3)
@@ -231,7 +231,7 @@ def reference_cells(geom, voxel_coord, voxel_size):
 
 
 def reference_loop_from_cells(cells, bev_size):
-    """Spec C.4 steps 4-9 with the reference's Python loops: (B, R, D, 2) long cells -> ring (B, D, L * L),
+    """The ring / ray build of upstream ``MatrixVT.get_proj_mat``, Python loops included: (B, R, D, 2) long cells -> ring (B, D, L * L),
     ray (B, R, L * L) float32. ``cells`` is not modified."""
     cells = cells.clone()
     batch_size, num_rays, num_depth, _ = cells.shape
@@ -254,7 +254,7 @@ def reference_loop_from_cells(cells, bev_size):
 
 
 def reference_loop_ring_ray(geom, voxel_coord, voxel_size, bev_size):
-    """The reference's ring / ray construction, Python loops included (spec C.4 steps 1-9): the baseline.
+    """The reference's ring / ray construction, Python loops included (upstream ``MatrixVT.get_proj_mat``): the baseline.
 
     Args:
         geom: (B, N, D, H, W, 3) ego-frame frustum points; voxel_coord, voxel_size: (3,); bev_size: L.
@@ -271,7 +271,7 @@ def _geometry(model, mats):
 
 
 def reference_style_geometry(frustum, sensor2ego, intrin, ida, bda):
-    """The reference's ``get_geometry`` as written (spec C.4): 7-dim broadcast 4x4 @ 4x1 products.
+    """The reference's ``get_geometry`` as written (upstream ``BaseLSSFPN.get_geometry``): 7-dim broadcast 4x4 @ 4x1 products.
 
     frustum (D, fH, fW, 4); sensor2ego, intrin, ida (B, N, 4, 4); bda (B, 4, 4) -> (B, N, D, fH, fW, 3).
     """
@@ -292,7 +292,7 @@ def _reference_geometry(model, mats):
 
 
 def reference_style_proj_mat(model, mats):
-    """The reference's ``get_proj_mat`` as written: 7-dim geometry, spec C.4 steps 1-9 with Python loops."""
+    """The reference's ``get_proj_mat`` as written: 7-dim geometry, cells, Python-loop build."""
     return reference_loop_ring_ray(_reference_geometry(model, mats), model.voxel_coord, model.voxel_size,
                                    model.bev_size)
 
@@ -391,7 +391,7 @@ def bench_ring_ray(config, batch_sizes=(1, 8), repeats=5, warmup=1, model=None):
 # ----------------------------------------------------------------------------------------- view transform
 
 def lss_view_transform(model, context, depth, mats):
-    """LSS lift-splat exactly as ``BaseLSSFPN._forward_single_sweep`` after the depth net (spec C.5).
+    """LSS lift-splat exactly as ``BaseLSSFPN._forward_single_sweep`` after the depth net.
 
     context (B * N, C, fH, fW), depth (B * N, D, fH, fW) -> (B, C, L, L).
     """
@@ -829,7 +829,7 @@ def bench_train_step(config, batch_size=1, repeats=3, warmup=2, vt_time_s=None, 
 # ----------------------------------------------------------------------------------------------- dataset
 
 def reference_style_depth_points(lidar_points, lidar_info, cam_info, image_size):
-    """The reference's ``map_pointcloud_to_image`` with devkit objects (spec E.2 steps 1-4).
+    """The reference's ``map_pointcloud_to_image`` with devkit objects (upstream ``bevdepth/datasets/nusc_det_dataset.py``).
 
     lidar_points: (M, 4) float32; returns (K, 3) float32 [u, v, depth] inside the 1-px image margin.
     """

@@ -5,7 +5,7 @@
 ``samples/`` (key frames, 2 Hz) and ``sweeps/`` (a few LiDAR and camera sweeps between key frames), and a
 ``synthetic_nuscenes.json`` summary (marks the folder as a synthetic root; holds each instance's colour).
 
-The world (spec: nuscenes-devkit-facts §7, §8.1): a flat ground plane and boxes of the 10 detection classes
+The world (a dataroot that nuscenes-devkit 1.2.0's ``NuScenes`` and ``DetectionEval`` load unmodified): a flat ground plane and boxes of the 10 detection classes
 with their real mean sizes (+-10 %), cars about half of them, 5-45 m around an ego car driving an arc at
 5-9 m/s near global (400, 1100). Objects are either static or move at a constant velocity along their heading,
 so annotated velocities are exact and learnable. Every scene holds every class within its evaluation range,
@@ -88,7 +88,7 @@ ATTRIBUTES = (
 )
 VISIBILITY = (('1', 'v0-40'), ('2', 'v40-60'), ('3', 'v60-80'), ('4', 'v80-100'))
 
-# The real n015 rig (devkit-facts §7.1): channel -> (sensor token, translation, rotation [w, x, y, z], K or None).
+# The real n015 rig (the calibration of nuScenes car n015's logs): channel -> (sensor token, translation, rotation [w, x, y, z], K or None).
 CAMERA_CHANNELS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT', 'CAM_BACK_RIGHT')
 RIG = {
     'CAM_FRONT': ('725903f5b62f56118f4094b46a4470d8', [1.7007912397384644, 0.01594563201069832, 1.5109575986862183],
@@ -120,7 +120,7 @@ RIG = {
 CAMERA_OFFSETS_US = {'CAM_FRONT_LEFT': -44500, 'CAM_FRONT': -36900, 'CAM_FRONT_RIGHT': -29000,
                      'CAM_BACK_RIGHT': -21500, 'CAM_BACK': -11900, 'CAM_BACK_LEFT': -2000}
 
-# Per detection class: general category, mean size [w, l, h] (devkit-facts §7.2), probability of moving,
+# Per detection class: general category, mean size [w, l, h] (nuScenes class means), probability of moving,
 # speed range (m/s), colour hue (OpenCV 0..180; classes 15 apart, instances jitter +-5) and LiDAR intensity.
 CLASS_SPECS = {
     'car': dict(category='vehicle.car', wlh=(1.95, 4.61, 1.72), p_move=0.5, speed=(3.0, 9.0), hue=0,

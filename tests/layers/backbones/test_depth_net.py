@@ -7,7 +7,7 @@ import torch
 from bevdepth.layers.backbones.depth_net import ASPP, DepthNet, Mlp, SELayer, get_mlp_input
 from bevdepth.ops.deform_conv import DeformConv2dPack
 
-SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[3].parent / 'shared' / 'spec' / 'matrixvt_state_dict.txt'
+SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[2] / 'fixtures' / 'matrixvt_state_dict.txt'  # the 912 reference keys
 
 
 def random_mats(batch_size, num_cams, seed=0):
@@ -87,7 +87,7 @@ def test_dcn_config_of_reference():
 
 def test_full_size_state_dict_matches_reference():
     if not SPEC_STATE_DICT.is_file():
-        pytest.skip('../shared/spec/matrixvt_state_dict.txt not present')
+        pytest.skip('tests/fixtures/matrixvt_state_dict.txt not present')
     prefix = 'backbone.depth_net.'
     expected = []
     for line in SPEC_STATE_DICT.read_text().splitlines():

@@ -23,7 +23,7 @@ from bevdepth.layers.backbones.matrixvt import (MatrixVT, SparseProjection, buil
 from benchmarking.suite import (reference_cells, reference_loop_from_cells,
                                 reference_style_geometry as reference_geometry)
 
-SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[3].parent / 'shared' / 'spec' / 'matrixvt_state_dict.txt'
+SPEC_STATE_DICT = pathlib.Path(__file__).resolve().parents[2] / 'fixtures' / 'matrixvt_state_dict.txt'  # the 912 reference keys
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def test_static_mat_with_wrong_batch_size_raises(tiny_model):
 
 def test_full_config_state_dict_matches_reference():
     if not SPEC_STATE_DICT.is_file():
-        pytest.skip('../shared/spec/matrixvt_state_dict.txt not present')
+        pytest.skip('tests/fixtures/matrixvt_state_dict.txt not present')
     expected = []
     for line in SPEC_STATE_DICT.read_text().splitlines():
         if line.startswith('backbone.'):
