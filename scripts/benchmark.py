@@ -51,7 +51,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from bevdepth.engine.entry_point import run_entry_point
+    from bevdepth.utils.io import check_output_path
+
     args = parse_args(argv)
+    run_entry_point(check_output_path, args.out, '--out')  # before minutes of measuring, not after
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -562,7 +562,7 @@ def main(argv=None):
                                                                         'nuscenes_infos_train.pkl')):
         print(f'error: --sample-root {args.sample_root} has no nuscenes_infos_train.pkl '
               '(create it with python scripts/gen_info.py)', file=sys.stderr)
-        return 2
+        return 1  # bad input (bevdepth/engine/entry_point.py's convention)
     start = time.perf_counter()
     device, kind = pick_device(args.device)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))

@@ -110,6 +110,9 @@ def compare_decoded(model, onnx_outputs, output_names, torch_preds, img_metas):
 
 
 def run(args):
+    from bevdepth.utils.io import check_output_path
+
+    check_output_path(args.out, '--out')  # before the minutes of work, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.random_init:
@@ -161,13 +164,10 @@ def run(args):
 
 
 def main(argv=None):
-    from bevdepth.engine.errors import USER_ERRORS
+    from bevdepth.engine.entry_point import run_entry_point
 
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (DeployError,) + USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    return run_entry_point(run, args, extra_input_errors=(DeployError,))  # one line and status 1 / 2 on bad input
 
 
 if __name__ == '__main__':

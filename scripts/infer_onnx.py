@@ -115,6 +115,9 @@ def write_results(exp, results, img_metas, out_path, run_eval):
 
 
 def run(args):
+    from bevdepth.utils.io import check_output_path
+
+    check_output_path(args.out, '--out')
     session = create_session(args.onnx, num_threads=args.threads)
     metadata = read_export_metadata(session)
     exp = build_experiment(args.exp, args.data_root, args.version, saved_config=metadata.get('settings'))
@@ -131,13 +134,10 @@ def run(args):
 
 
 def main(argv=None):
-    from bevdepth.engine.errors import USER_ERRORS
+    from bevdepth.engine.entry_point import run_entry_point
 
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (DeployError,) + USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    return run_entry_point(run, args, extra_input_errors=(DeployError,))  # one line and status 1 / 2 on bad input
 
 
 if __name__ == '__main__':

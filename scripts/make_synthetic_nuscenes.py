@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bevdepth.datasets.errors import DataError  # noqa: E402
+from bevdepth.utils.io import OutputPathError, check_output_path  # noqa: E402
 from synthetic_nuscenes.writer import SUPPORTED_VERSION, write_synthetic_nuscenes  # noqa: E402
 
 
@@ -40,12 +41,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_output_path(args.dataroot, '--dataroot', is_dir=True)
         summary = write_synthetic_nuscenes(args.dataroot, version=args.version, seed=args.seed,
                                            scenes_per_split=args.scenes_per_split,
                                            samples_per_scene=args.samples_per_scene,
                                            objects_per_scene=args.objects_per_scene, with_sweeps=not args.no_sweeps,
                                            overwrite=args.overwrite, progress=True, workers=args.workers)
-    except DataError as err:
+    except (DataError, OutputPathError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     print(f'wrote {summary["root"]}: {len(summary["scenes"])} scenes, {summary["num_samples"]} samples, '

@@ -25,10 +25,13 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bevdepth.evaluators.visualize import load_results
 
-    try:  # the same checks (missing, not JSON, not a results file) and messages as scripts/visualize_nusc.py
-        load_results(args.results)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f'error: {err}')
+    from bevdepth.engine.entry_point import run_entry_point
+
+    # The same checks (missing, not JSON, not a results file) and messages as scripts/visualize_nusc.py.
+    from bevdepth.utils.io import check_output_path
+
+    run_entry_point(load_results, args.results)
+    run_entry_point(check_output_path, args.out_dir, '--out_dir', True)
     if not os.path.isdir(os.path.join(args.data_root, args.version)):
         sys.exit(f"error: nuScenes tables '{args.version}' not found under {args.data_root}: pass --data_root "
                  f'and the matching --version')

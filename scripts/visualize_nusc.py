@@ -77,6 +77,10 @@ def chosen_infos(infos, samples, count):
 
 
 def run(args):
+    from bevdepth.utils.io import check_output_path
+
+    if args.out_dir is not None:
+        check_output_path(args.out_dir, '--out_dir', is_dir=True)
     if not os.path.isdir(args.data_root):
         raise FileNotFoundError(f'data_root {args.data_root} does not exist: pass --data_root of a nuScenes '
                                 f'dataroot')
@@ -104,11 +108,11 @@ def run(args):
 
 
 def main(argv=None):
+    from bevdepth.engine.entry_point import run_entry_point
+
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        sys.exit(f'error: {err}')
+    # ValueError too: a sample index or token that is not in the split is bad input here.
+    return run_entry_point(run, args, extra_input_errors=(ValueError,))
 
 
 if __name__ == '__main__':

@@ -343,7 +343,8 @@ class Row:
     exit_code: Optional[int] = None  # CLI rows: the expected exit status (the library rows raise)
 
 
-ERROR = 2  # what the experiment CLI returns for bad input (argparse's usage errors use 2 as well)
+ERROR = 1  # bad input files / data (bevdepth/engine/entry_point.py)
+USAGE = 2  # flags that cannot work (argparse's status too)
 
 ROWS = [
     Row('missing dataroot', missing_dataroot,
@@ -397,9 +398,9 @@ ROWS = [
     Row('non-square BEV grid for MatrixVT', non_square_bev_grid,
         r'^ValueError: MatrixVT needs a square BEV grid, got 64 x 32 cells'),
     Row('--learning_rate 0', learning_rate_zero,
-        r'^error: --learning_rate must be > 0, got 0\.0$', ERROR),
+        r'^error: --learning_rate must be > 0, got 0\.0$', USAGE),
     Row('--learning_rate negative', learning_rate_negative,
-        r'^error: --learning_rate must be > 0, got -0\.0002$', ERROR),
+        r'^error: --learning_rate must be > 0, got -0\.0002$', USAGE),
 ]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from bevdepth.datasets.depth_projection import load_lidar_points, project_lidar_to_image
 from bevdepth.datasets.errors import DataError
+from bevdepth.datasets.info_files import load_infos
 from bevdepth.utils.io import atomic_write_bytes
 
 DEPTH_GT_DIR = 'depth_gt'
@@ -78,21 +79,6 @@ def _worker(args):
     return write_sample_depth(data_root, info, overwrite)
 
 
-def load_info_list(info_path):
-    """The list of info dicts of one pickle, with a clear error when it is missing."""
-    import pickle
-
-    info_path = os.fspath(info_path)
-    if not os.path.isfile(info_path):
-        raise DataError(f'info file {info_path} does not exist: create it with python scripts/gen_info.py')
-    with open(info_path, 'rb') as f:
-        infos = pickle.load(f)
-    if not isinstance(infos, list):
-        raise DataError(f'info file {info_path} is not a list of sample infos: regenerate it with '
-                        f'python scripts/gen_info.py')
-    return infos
-
-
 def write_depth_cache(data_root, info_paths, workers=1, overwrite=False, progress=True):
     """Write the depth cache of every sample of ``info_paths`` (6 cameras each) under ``data_root/depth_gt``.
 
@@ -104,7 +90,7 @@ def write_depth_cache(data_root, info_paths, workers=1, overwrite=False, progres
         raise DataError(f'dataroot {data_root} does not exist: pass --dataroot of the nuScenes dataroot')
     if isinstance(info_paths, (str, os.PathLike)):
         info_paths = [info_paths]
-    infos = [info for path in info_paths for info in load_info_list(path)]
+    infos = [info for _, content in load_infos(info_paths) for info in content]
     os.makedirs(os.path.join(data_root, DEPTH_GT_DIR), exist_ok=True)
     tasks = [(data_root, info, overwrite) for info in infos]
     bar = None

@@ -29,7 +29,6 @@ Differences from the reference, all deliberate:
 * Bad input raises ``DataError`` with one line naming the file and the fix.
 """
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from bevdepth.datasets.bev_aug import bev_transform, sample_bda_augmentation
 from bevdepth.datasets.depth_aug import depth_transform
 from bevdepth.datasets.depth_projection import rigid_inverse
 from bevdepth.datasets.errors import DataError
+from bevdepth.datasets.info_files import load_infos  # noqa: F401  (also this module's API)
 from bevdepth.datasets.image_aug import (fast_image_pipeline, ida_matrix, reference_image_pipeline,
                                          sample_ida_augmentation)
 from bevdepth.utils.geometry import (quaternion_inverse, quaternion_multiply, quaternion_yaw, rotation_matrices,
@@ -79,32 +79,6 @@ DEPTH_SOURCES = ('auto', 'cache', 'online')
 def detection_name(category_name):
     """Detection class of a nuScenes category name ('ignore' for unmapped ones)."""
     return CATEGORY_TO_DETECTION.get(category_name, 'ignore')
-
-
-def load_infos(info_paths):
-    """Read and concatenate reference-format info pickles (lists of per-sample dicts)."""
-    if isinstance(info_paths, (str, os.PathLike)):
-        info_paths = [info_paths]
-    infos = []
-    for path in info_paths:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise DataError(f'info file {path} not found: create it with python scripts/gen_info.py '
-                            f'(or pass the right info path)')
-        try:
-            with open(path, 'rb') as f:
-                content = pickle.load(f)
-        except Exception as err:  # any unpickling failure means the file is not usable
-            raise DataError(f'info file {path} is not a readable info pickle ({type(err).__name__}: '
-                            f'{err}): regenerate it with python scripts/gen_info.py') from err
-        if isinstance(content, dict) and 'infos' in content:
-            raise DataError(f'info file {path} is in the mmdetection3d format, not the BEVDepth one: '
-                            f'create it with python scripts/gen_info.py')
-        if not isinstance(content, list) or not all(isinstance(i, dict) and 'cam_infos' in i for i in content):
-            raise DataError(f'info file {path} is not a list of BEVDepth sample infos: '
-                            f'regenerate it with python scripts/gen_info.py')
-        infos.append((path, content))
-    return infos
 
 
 def pose_matrix(pose):

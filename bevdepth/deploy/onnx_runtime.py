@@ -22,7 +22,12 @@ def create_session(onnx_path, num_threads=None):
     options = onnxruntime.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = int(num_threads)
-    return onnxruntime.InferenceSession(onnx_path, sess_options=options, providers=['CPUExecutionProvider'])
+    try:
+        return onnxruntime.InferenceSession(onnx_path, sess_options=options, providers=['CPUExecutionProvider'])
+    except Exception as error:  # onnxruntime's own classes (InvalidProtobuf, Fail, ...): a truncated or foreign file
+        reason = ' '.join(str(error).split())[:200] or type(error).__name__
+        raise DeployError(f'ONNX model {onnx_path} cannot be loaded ({reason}): re-export it with '
+                          f'scripts/export_onnx.py') from None
 
 
 def read_export_metadata(session):

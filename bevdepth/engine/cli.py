@@ -34,7 +34,8 @@ import torch
 from bevdepth.configs import settings
 from bevdepth.configs.settings import PRECISION_ALIASES, SETTINGS, SETTINGS_BY_NAME, STRUCTURAL, SettingError
 from bevdepth.engine import devices as devices_helpers
-from bevdepth.engine.errors import USER_ERRORS, UsageError
+from bevdepth.engine.entry_point import one_line_message, run_entry_point  # noqa: F401  (one_line_message: API)
+from bevdepth.engine.errors import UsageError
 from bevdepth.models import checkpoints
 
 RUN_CONFIG_FILE = 'config.yaml'
@@ -402,21 +403,6 @@ def _print_rank_zero(*message, file=None):
         print(*message, flush=True, file=file)
 
 
-def one_line_message(error):
-    """The message of ``error`` as one line.
-
-    An exception raised in a DataLoader worker is re-raised in the main process with a multi-line message
-    ('Caught DataError in DataLoader worker process 0.' + the worker's traceback); its last line holds the
-    original ``module.ClassName: message``, of which the message is kept.
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if len(lines) == 1:
-        return lines[0]
-    return re.sub(r'^[A-Za-z_][\w.]*: ', '', lines[-1])
-
-
 def _check_data(args, model):
     if not os.path.isdir(args.data_root):
         raise FileNotFoundError(f'nuScenes dataroot {args.data_root} not found: pass --data_root <dataroot> '
@@ -493,19 +479,15 @@ def run_cli(model_class, exp_name, use_ema=None, extra_trainer_config_args=None,
             read) set the default of --max_epochs.
         cli_defaults: defaults of settings for this call, over the experiment's ``setting_defaults``.
         argv: arguments (default sys.argv[1:]).
-        exit_on_user_error: report bad input (bevdepth.engine.errors.USER_ERRORS) as one line
-            ``error: ...`` on stderr and exit with code 2 instead of raising.
+        exit_on_user_error: report an expected failure as one line ``error: ...`` on stderr and exit with its
+            status (1 bad input, 2 bad usage: bevdepth/engine/entry_point.py) instead of raising.
 
     Returns:
         the trained / evaluated LightningModule (its ``metrics`` after -e).
     """
-    try:
+    if not exit_on_user_error:
         return _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults, argv)
-    except USER_ERRORS as error:
-        if not exit_on_user_error:
-            raise
-        print(f'error: {one_line_message(error)}', file=sys.stderr, flush=True)
-        sys.exit(2)
+    return run_entry_point(_run, model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults, argv)
 
 
 def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults, argv):

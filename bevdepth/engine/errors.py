@@ -8,6 +8,7 @@ from bevdepth.datasets.errors import DataError
 from bevdepth.evaluators.det_evaluators import EmptySubmissionError, SubmissionMismatchError
 from bevdepth.layers.backbones.imagenet_weights import PretrainedWeightsError
 from bevdepth.models.checkpoints import CheckpointError
+from bevdepth.utils.io import OutputPathError
 
 
 # A checkpoint that is missing, unreadable, of another architecture, or a resume with another world size / batch.
@@ -18,5 +19,8 @@ class UsageError(ValueError):
     """Flags that cannot work together on this machine (e.g. fp16 on CPU, --gpus without a GPU)."""
 
 
-USER_ERRORS = (UsageError, FileNotFoundError, DataError, CheckpointError, SubmissionMismatchError,
-               EmptySubmissionError, PretrainedWeightsError, SettingError)
+# Expected failures and their exit status (bevdepth/engine/entry_point.py): usage (2) and bad input files (1).
+USAGE_ERRORS = (UsageError, SettingError)
+INPUT_ERRORS = (FileNotFoundError, DataError, CheckpointError, SubmissionMismatchError, EmptySubmissionError,
+                PretrainedWeightsError, OutputPathError)
+USER_ERRORS = USAGE_ERRORS + INPUT_ERRORS

@@ -23,6 +23,7 @@ import numpy as np
 from pyquaternion import Quaternion
 
 from bevdepth.configs.nuscenes import CLASSES
+from bevdepth.datasets.errors import DataError
 
 __all__ = ['CAMERA_GRID', 'GT_COLOUR', 'CLASS_COLOURS', 'load_results', 'select_info', 'sample_boxes',
            'project_box_edges', 'render_camera', 'render_bev', 'render_sample', 'write_png']
@@ -66,9 +67,9 @@ def load_results(path):
         with open(path) as f:
             content = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f'results file {path} is not valid JSON ({err}): regenerate it') from err
+        raise DataError(f'results file {path} is not valid JSON ({err}): regenerate it') from None
     if not isinstance(content, dict) or not isinstance(content.get('results'), dict):
-        raise ValueError(f'results file {path} has no "results" mapping of sample tokens to boxes: it is not a '
+        raise DataError(f'results file {path} has no "results" mapping of sample tokens to boxes: it is not a '
                          f'nuScenes detection results file')
     return content['results']
 

@@ -58,3 +58,27 @@ def atomic_torch_save(obj, path):
     import torch
     with atomic_open(path, 'wb') as f:
         torch.save(obj, f)
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (a file in the way of a folder, a folder in the way of a file)."""
+
+
+def check_output_path(path, flag, is_dir=False):
+    """Fail before any work when ``path`` (a file, or a folder with ``is_dir``) cannot be written; creates nothing.
+
+    Its folder may not exist yet (it is created when writing), but no ancestor may be a file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if is_dir and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputPathError(f'{flag} {path} is a file, not a folder: remove it or pass another {flag}')
+    if not is_dir and os.path.isdir(path):
+        raise OutputPathError(f'{flag} {path} is a folder: pass a file path')
+    folder = path if is_dir else os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise OutputPathError(f'{flag} {path} cannot be written: {folder} is a file, not a folder; remove it or '
+                              f'pass another {flag}')
+    if not os.access(folder, os.W_OK):
+        raise OutputPathError(f'{flag} {path} cannot be written: no write permission in {folder}')

@@ -99,7 +99,7 @@ def test_a_crash_mid_sample_leaves_only_complete_files(scratch_root, monkeypatch
 
 
 def test_bad_inputs_are_clear_errors(scratch_root, tmp_path):
-    with pytest.raises(DataError, match=r'info file .*nuscenes_infos_val\.pkl does not exist: create it with '
+    with pytest.raises(DataError, match=r'info file .*nuscenes_infos_val\.pkl not found: create it with '
                                         r'python scripts/gen_info\.py'):
         write_depth_cache(scratch_root, [scratch_root / 'nuscenes_infos_val.pkl'], progress=False)
     with pytest.raises(DataError, match=r'dataroot .*nowhere does not exist'):

@@ -227,18 +227,23 @@ def test_infer_script_writes_the_pytorch_boxes(tiny_exp, tiny_static_onnx, synth
             assert abs(a['detection_score'] - b['detection_score']) < 1e-4
 
 
-def test_scripts_report_bad_input_in_one_line(synthetic_dataroot, tmp_path):
+def test_scripts_report_bad_input_in_one_line(synthetic_dataroot, tmp_path, capsys):
     import export_onnx as export_script
     import infer_onnx as infer_script
 
-    with pytest.raises(SystemExit) as excinfo:
-        export_script.main(['--exp', str(TINY_EXP), '--random-init', '--out', str(tmp_path / 'x.onnx'),
-                            '--data_root', str(synthetic_dataroot), '--version', 'v1.0-mini', '--sample', '999'])
-    assert str(excinfo.value.code).startswith('error: --sample 999 is out of range')
+    def one_error_line(main, argv):
+        with pytest.raises(SystemExit) as excinfo:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert excinfo.value.code == 1 and '\n' not in err, err
+        return err
+
+    assert one_error_line(export_script.main, [
+        '--exp', str(TINY_EXP), '--random-init', '--out', str(tmp_path / 'x.onnx'), '--data_root',
+        str(synthetic_dataroot), '--version', 'v1.0-mini', '--sample', '999']).startswith(
+        'error: --sample 999 is out of range')
     assert not (tmp_path / 'x.onnx').exists()
-    with pytest.raises(SystemExit) as excinfo:
-        infer_script.main(['--onnx', str(tmp_path / 'missing.onnx'), '--exp', str(TINY_EXP)])
-    assert str(excinfo.value.code).startswith('error: ONNX model') and 'not found' in str(excinfo.value.code)
-    with pytest.raises(SystemExit) as excinfo:
-        export_script.main(['--exp', str(tmp_path / 'nope.py'), '--random-init', '--out', str(tmp_path / 'x.onnx')])
-    assert str(excinfo.value.code).startswith('error: experiment file')
+    err = one_error_line(infer_script.main, ['--onnx', str(tmp_path / 'missing.onnx'), '--exp', str(TINY_EXP)])
+    assert err.startswith('error: ONNX model') and 'not found' in err
+    assert one_error_line(export_script.main, ['--exp', str(tmp_path / 'nope.py'), '--random-init', '--out',
+                                               str(tmp_path / 'x.onnx')]).startswith('error: experiment file')

@@ -242,14 +242,15 @@ def test_cli_writes_one_png_per_sample(synthetic_dataroot, tmp_path):
     assert 'does not exist' in bad.stderr
 
 
-def test_cli_rejects_unknown_sample(synthetic_dataroot, tmp_path):
+def test_cli_rejects_unknown_sample(synthetic_dataroot, tmp_path, capsys):
     sys.path.insert(0, str(REPO_ROOT / 'scripts'))
     import visualize_nusc
 
     with pytest.raises(SystemExit) as excinfo:
         visualize_nusc.main(['--data_root', str(synthetic_dataroot), '--split', 'val', '--samples', 'nope',
                              '--out_dir', str(tmp_path)])
-    assert str(excinfo.value.code).startswith('error: sample token') and not os.listdir(tmp_path)
+    assert excinfo.value.code == 1 and capsys.readouterr().err.startswith('error: sample token')
+    assert not os.listdir(tmp_path)
 
 
 def test_cli_reference_positional_form_and_aliases(synthetic_dataroot, tmp_path):

@@ -46,5 +46,5 @@ def test_cpu_subset_passes_without_devkit_and_pyquaternion(tmp_path):
 
 def test_bad_sample_root_is_one_line(tmp_path):
     result = run_check('--sample-root', str(tmp_path))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip().count('\n') == 0 and 'nuscenes_infos_train.pkl' in result.stderr
