@@ -498,6 +498,12 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
     from bevdepth.callbacks.ema import EMACallback
     from bevdepth.callbacks.step_time import StepTimeCallback
 
+    # CPU threads that hold up on shared cores (bevdepth/utils/threads.py): intra-op threads capped at the usable
+    # CPUs; the OpenMP wait default reaches DataLoader workers / DDP ranks started from here.
+    from bevdepth.utils.threads import configure_torch_threads, set_openmp_env_defaults
+    set_openmp_env_defaults()
+    configure_torch_threads()
+
     extra = dict(extra_trainer_config_args or {})
     defaults = dict(cli_defaults or {})
     for key in ('epochs', 'max_epochs'):  # the reference read 'epochs' from extra_trainer_config_args
