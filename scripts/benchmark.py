@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
     parser.add_argument('--out', default='benchmark.json', help='JSON output (written atomically)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
+    parser.add_argument('--contended', action='store_true',
+                        help='run beside a competing process the suite starts and stops itself: 1024x1024 float32 '
+                             'matrix products with 2 torch threads and default OpenMP settings')
     args = parser.parse_args(argv)
     sizes = [args.repeats, args.vt_batch, args.train_batch] + args.ring_ray_batches
     if args.samples_per_scene is not None:
@@ -64,7 +67,7 @@ def main(argv=None):
                             out=args.out, log=lambda msg: print(msg, flush=True),
                             ring_ray_batches=args.ring_ray_batches, vt_batch=args.vt_batch,
                             train_batch=args.train_batch, samples_per_scene=args.samples_per_scene,
-                            data_root=args.data_root, measure_memory=not args.no_memory)
+                            data_root=args.data_root, measure_memory=not args.no_memory, contended=args.contended)
     print(format_table(results))
     print(f'\nwrote {args.out}')
 

@@ -32,6 +32,7 @@ Sections (``run_benchmark(sections=...)``):
 Targets (``TARGETS``) are checked on every configuration and reported PASS / FAIL; they are meant for the full
 configuration (the tiny one is a smoke run).
 """
+import contextlib
 import datetime
 import gc
 import json
@@ -999,10 +1000,39 @@ def evaluate_targets(config_results):
     return rows
 
 
+# The --contended competitor: another busy torch process on the same cores, as a user's second job or DataLoader
+# workers would be. Fixed on purpose (not tunable), so contended figures compare across runs.
+COMPETITOR_CODE = """
+import torch
+torch.set_num_threads(2)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+while True:
+    a @ b
+"""
+
+
+@contextlib.contextmanager
+def competitor():
+    """Run the competitor (1024x1024 float32 matrix products, 2 torch threads, default OpenMP settings) in a separate
+    process for the duration of the block; it is stopped even when the block fails."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME', 'OMP_NUM_THREADS')}
+    process = subprocess.Popen([sys.executable, '-c', COMPETITOR_CODE], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2.0)  # let it import torch and reach its loop
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
 def run_benchmark(configs=('tiny', 'full'), repeats=5, quick=False, sections=SECTIONS, out=None, log=print,
                   ring_ray_batches=(1, 8), vt_batch=1, train_batch=1, samples_per_scene=None, data_root=None,
-                  measure_memory=True):
+                  measure_memory=True, contended=False):
     """Run the selected sections for each configuration; returns (and optionally writes) the results dict.
+
+    contended: run beside the fixed competitor process (``competitor()``), started and stopped here.
 
     ring_ray_batches / vt_batch / train_batch: batch sizes of those sections; samples_per_scene: key frames of
     the synthetic dataroot (one scene) of the data sections (default 4, 2 with quick); data_root: use this
@@ -1022,39 +1052,41 @@ def run_benchmark(configs=('tiny', 'full'), repeats=5, quick=False, sections=SEC
         python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
         load_average=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
         torch_threads=torch.get_num_threads(), repeats=repeats, warmup=1, quick=quick, sections=list(sections),
+        contended=bool(contended),
         ring_ray_batches=list(ring_ray_batches), vt_batch=vt_batch, train_batch=train_batch,
         statistic='median of repeats after warm-up', memory_method=MEMORY_METHOD), configs={})
-    for config in configs:
-        _config_parts(config)  # validates the name
-        config_results = {}
-        results['configs'][config] = config_results
-        model = build_matrixvt(config) if ('ring_ray' in sections or 'view_transform' in sections) else None
-        if 'ring_ray' in sections:
-            log(f'[{config}] ring / ray build ...')
-            config_results['ring_ray'] = bench_ring_ray(config, tuple(ring_ray_batches), repeats, model=model)
-        if 'view_transform' in sections:
-            log(f'[{config}] view transform fwd+bwd ...')
-            config_results['view_transform'] = bench_view_transform(
-                config, vt_batch, repeats, model=model, measure_memory=measure_memory,
-                memory_cases=('sparse', 'lss') if quick else VT_CASES + ('module_sparse',))
-        del model
-        gc.collect()
-        if 'train_step' in sections:
-            log(f'[{config}] training step ...')
-            vt = config_results.get('view_transform')
-            same_batch = vt is not None and vt['batch_size'] == train_batch
-            config_results['train_step'] = bench_train_step(
-                config, train_batch, repeats=1 if quick else min(repeats, 3),
-                vt_time_s=vt['cases']['module_sparse']['time_s'] if same_batch else None,
-                lss_time_s=vt['cases']['lss']['time_s'] if same_batch else None)
-        data_sections = [s for s in ('dataset', 'depth_gt') if s in sections]
-        if data_sections:
-            log(f'[{config}] dataset / depth GT ...')
-            config_results['dataset'] = bench_dataset(config, repeats, warmup=0 if quick else 1,
-                                                      samples_per_scene=samples_per_scene, data_root=data_root,
-                                                      sections=data_sections)
-        config_results['targets'] = evaluate_targets(config_results)
-        gc.collect()
+    with competitor() if contended else contextlib.nullcontext():
+        for config in configs:
+            _config_parts(config)  # validates the name
+            config_results = {}
+            results['configs'][config] = config_results
+            model = build_matrixvt(config) if ('ring_ray' in sections or 'view_transform' in sections) else None
+            if 'ring_ray' in sections:
+                log(f'[{config}] ring / ray build ...')
+                config_results['ring_ray'] = bench_ring_ray(config, tuple(ring_ray_batches), repeats, model=model)
+            if 'view_transform' in sections:
+                log(f'[{config}] view transform fwd+bwd ...')
+                config_results['view_transform'] = bench_view_transform(
+                    config, vt_batch, repeats, model=model, measure_memory=measure_memory,
+                    memory_cases=('sparse', 'lss') if quick else VT_CASES + ('module_sparse',))
+            del model
+            gc.collect()
+            if 'train_step' in sections:
+                log(f'[{config}] training step ...')
+                vt = config_results.get('view_transform')
+                same_batch = vt is not None and vt['batch_size'] == train_batch
+                config_results['train_step'] = bench_train_step(
+                    config, train_batch, repeats=1 if quick else min(repeats, 3),
+                    vt_time_s=vt['cases']['module_sparse']['time_s'] if same_batch else None,
+                    lss_time_s=vt['cases']['lss']['time_s'] if same_batch else None)
+            data_sections = [s for s in ('dataset', 'depth_gt') if s in sections]
+            if data_sections:
+                log(f'[{config}] dataset / depth GT ...')
+                config_results['dataset'] = bench_dataset(config, repeats, warmup=0 if quick else 1,
+                                                          samples_per_scene=samples_per_scene, data_root=data_root,
+                                                          sections=data_sections)
+            config_results['targets'] = evaluate_targets(config_results)
+            gc.collect()
     if out is not None:
         atomic_json_dump(results, out, indent=1, default=_json_default)
     return results
@@ -1154,7 +1186,8 @@ def format_table(results):
     meta = results['meta']
     load = meta.get('load_average')
     lines.append(f"torch {meta['torch']}, {meta['torch_threads']} threads, {meta['cpu_count']} CPUs"
-                 f"{f', load average {load[0]:.1f}' if load else ''}, {meta['statistic']} "
+                 f"{f', load average {load[0]:.1f}' if load else ''}"
+                 f"{', beside the competitor process (--contended)' if meta.get('contended') else ''}, {meta['statistic']} "
                  f"(repeats={meta['repeats']}{', quick' if meta['quick'] else ''})")
     for config, res in results['configs'].items():
         rows = []

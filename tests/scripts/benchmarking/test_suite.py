@@ -28,3 +28,15 @@ def test_measure_interleaved_times_warm_runs():
     calls.clear()
     measure_interleaved(dict(a=lambda: calls.append('a')), repeats=2, warmup=1, rewarm_below_s=0.0)
     assert calls == ['a'] * 3  # callables slower than rewarm_below_s are their own warm-up
+
+
+def test_contended_mode_starts_and_stops_its_competitor():
+    from benchmarking.suite import competitor
+
+    with competitor() as process:
+        assert process.poll() is None  # busy beside the measurement
+    assert process.poll() is not None  # stopped afterwards
+    with pytest.raises(RuntimeError):
+        with competitor() as process:
+            raise RuntimeError('a failing measurement')
+    assert process.poll() is not None
