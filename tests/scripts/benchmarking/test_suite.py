@@ -1,5 +1,6 @@
 """benchmarking.suite helpers checked without a benchmark run: the reference loop on hand-computed cells and the
 interleaved timing order."""
+import pytest
 import torch
 
 from benchmarking.suite import measure_interleaved, reference_loop_ring_ray
