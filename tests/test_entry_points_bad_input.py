@@ -168,3 +168,26 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(TINY_EXP), '-e', '--ckpt_path', str(tmp_path / 'gone.pth')],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and 'Traceback' in result.stderr and 'CheckpointError' in result.stderr
+
+
+DOCS = REPO_ROOT / 'docs' / 'troubleshooting.md'
+BEGIN, END = '<!-- entry-point table: begin -->', '<!-- entry-point table: end -->'
+
+
+def render_docs_table():
+    """The markdown table of CASES that docs/troubleshooting.md holds between BEGIN and END."""
+    rows = ['| command | bad input | exit status | the `error:` line says |', '|---|---|---|---|']
+    for case in CASES:
+        rows.append(f'| {case.entry_point} | {case.kind} | {case.status} | `{case.fix}` |')
+    return '\n'.join([BEGIN, *rows, END])
+
+
+def test_troubleshooting_lists_this_table():
+    """docs/troubleshooting.md is generated from CASES: BEVDEPTH_WRITE_DOCS=1 rewrites its block."""
+    text = DOCS.read_text()
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    if os.environ.get('BEVDEPTH_WRITE_DOCS') == '1':
+        DOCS.write_text(text[:start] + render_docs_table() + text[stop:])
+        text = DOCS.read_text()
+        start, stop = text.index(BEGIN), text.index(END) + len(END)
+    assert text[start:stop] == render_docs_table(), 'run BEVDEPTH_WRITE_DOCS=1 pytest -k troubleshooting'
