@@ -14,6 +14,10 @@ import sys
 os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bevdepth.utils.threads import set_openmp_env_defaults  # noqa: E402  (imports no torch)
+
+set_openmp_env_defaults()  # measure what the experiments run with: idle OpenMP threads sleep (docs/performance.md)
+
 from benchmarking.suite import SECTIONS, format_table, run_benchmark  # noqa: E402
 
 
