@@ -100,3 +100,12 @@ def configure_torch_threads(num_threads=None, cgroup_root='/sys/fs/cgroup'):
 def openmp_runtime_loaded():
     """True once torch (and with it libgomp) is imported in this process: env defaults come too late then."""
     return 'torch' in sys.modules
+
+
+def prepare_process_environment(environ=None):
+    """What an entry point sets before ``import torch``: the OpenMP wait default above, and
+    TORCH_DEVICE_BACKEND_AUTOLOAD=0 (with torch_npu installed but no CANN toolkit, torch's automatic backend import
+    breaks ``import torch``; bevdepth.engine.devices imports torch_npu itself, guarded). User values win."""
+    environ = os.environ if environ is None else environ
+    environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
+    set_openmp_env_defaults(environ)

@@ -77,3 +77,12 @@ def test_configure_torch_threads_caps_at_quota_and_respects_explicit_counts(tmp_
         assert threads.configure_torch_threads(cgroup_root=str(tmp_path)) == before
     finally:
         torch.set_num_threads(before)
+
+
+def test_entry_point_environment_keeps_user_values():
+    env = {'TORCH_DEVICE_BACKEND_AUTOLOAD': '1'}
+    threads.prepare_process_environment(env)
+    assert env == {'TORCH_DEVICE_BACKEND_AUTOLOAD': '1', 'OMP_WAIT_POLICY': 'PASSIVE'}
+    env = {'GOMP_SPINCOUNT': '0'}
+    threads.prepare_process_environment(env)
+    assert env == {'GOMP_SPINCOUNT': '0', 'TORCH_DEVICE_BACKEND_AUTOLOAD': '0'}

@@ -13,21 +13,12 @@ come from); upstream MatrixVT trained with a constant lr: pass ``--lr_schedule c
 import os
 import sys
 
-# With torch_npu installed but no CANN toolkit, torch's automatic backend import breaks `import torch`;
-# bevdepth.engine.devices imports torch_npu itself, guarded (docs/npu.md).
-os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')
-
-try:
-    from bevdepth.utils.threads import set_openmp_env_defaults  # imports no torch
-    import exps  # noqa: F401  (both installed with pip install -e .)
+try:  # installed with pip install -e .
+    from bevdepth.utils.threads import prepare_process_environment
 except ImportError:  # run from a source checkout: make the repository root importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', '..')))
-    from bevdepth.utils.threads import set_openmp_env_defaults
-
-# Idle OpenMP threads sleep instead of spinning, so training holds up beside other busy processes; torch's
-# OpenMP runtime reads this once, at `import torch` (bevdepth/utils/threads.py). The user's own
-# OMP_WAIT_POLICY / GOMP_SPINCOUNT wins.
-set_openmp_env_defaults()
+    from bevdepth.utils.threads import prepare_process_environment
+prepare_process_environment()  # before torch is imported (bevdepth/utils/threads.py)
 
 from bevdepth.engine.cli import run_cli  # noqa: E402
 from exps.base_exp import BEVDepthLightningModel  # noqa: E402
