@@ -237,13 +237,6 @@ def missing_image_in_dataloader_worker(ctx):
     return _cli(ctx, '--data_root', root, '--version', 'v1.0-mini', '-b', 1, '--max_epochs', 1, workers=1)
 
 
-def cbgs_on_a_one_sample_split(ctx):
-    """CBGS (the MatrixVT experiment's default) on a one-sample split: the annotations are there, but the
-    reference's resampling formula rounds every class's share to zero."""
-    return _cli(ctx, '--data_root', _one_val_sample_dataroot(ctx), '--version', 'v1.0-mini', '--cbgs', '-b', 1,
-                '--max_epochs', 1)
-
-
 def image_of_another_aspect_in_training(ctx):
     """A cropped copy (1600x800) of a camera image in the training split: the calibration no longer describes its
     pixels. Sample 1 holds it, so it is met mid-training, by the data loader."""
@@ -377,9 +370,6 @@ ROWS = [
     Row('missing image, read in a DataLoader worker during training', missing_image_in_dataloader_worker,
         r'^error: image file \S*missing_images_dataroot/samples/CAM_\w+/missing\.jpg does not exist: check data_root',
         ERROR),
-    Row('CBGS on a split too small for its formula', cbgs_on_a_one_sample_split,
-        r'^error: the training split \(1 samples, 1 annotated\) is too small for class-balanced resampling \(CBGS\): '
-        r'every class gets int\(share\) = 0 draws; train with --no-cbgs', ERROR),
     Row('image of another aspect ratio than its calibration, met during training', image_of_another_aspect_in_training,
         r'^error: image file \S*cropped\.jpg is 1600x800 \(aspect 2\.000\) but its calibration describes 1600x900 '
         r'\(aspect 1\.778\): the intrinsics do not fit these pixels', ERROR),
