@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-DEFAULT_MAX_BAD_STEPS = 20
+from bevdepth.configs.settings import SETTINGS_BY_NAME
+
+DEFAULT_MAX_BAD_STEPS = SETTINGS_BY_NAME['max_bad_steps'].default  # one home: the settings table
 
 
 def any_rank_true(flag, device):

@@ -8,9 +8,9 @@ from bevdepth.configs import nuscenes, tiny
 BASE_CONFIG_MODULES = {'nuscenes_r50': nuscenes, 'tiny': tiny}
 IMAGE_LEVEL_STRIDES = (4, 8, 16, 32)  # strides of the four ResNet stages fed to the image FPN
 REFERENCE_LR_MILESTONES = (19, 23)  # MultiStepLR of the Ascend seed (gamma 0.1), stepped per epoch
-# The reference's training resize range belongs to 704-pixel-wide inputs; other widths scale it.
-REFERENCE_RESIZE_LIM = (0.386, 0.55)
-REFERENCE_FINAL_WIDTH = 704
+# The reference's training resize range belongs to its 704-pixel-wide input; other widths scale it.
+REFERENCE_RESIZE_LIM = nuscenes.ida_aug_conf()['resize_lim']
+REFERENCE_FINAL_WIDTH = nuscenes.ida_aug_conf()['final_dim'][1]
 BEV_CELLS_OF_THE_TINY_GRID = (1.6, 0.8)
 
 

@@ -13,13 +13,16 @@ import dataclasses
 import difflib
 from typing import Any, Callable, Optional
 
+from bevdepth.configs.derive import BASE_CONFIG_MODULES, IMAGE_LEVEL_STRIDES
+
 GROUPS = ('model', 'data', 'optimisation', 'run')
 CHECKPOINT_KEY = 'bevdepth_config'  # where .ckpt and EMA .pth files keep the run's configuration
 ACCELERATORS = ('auto', 'cpu', 'gpu', 'cuda', 'npu')  # 'gpu' and 'cuda' are the same device kind
 LR_SCHEDULES = ('multistep', 'constant')
 LR_MILESTONE_RULES = ('reference', 'final_sixth')
 IMAGE_BACKENDS = ('opencv', 'pillow')
-BASE_CONFIGS = ('nuscenes_r50', 'tiny')
+BASE_CONFIGS = tuple(BASE_CONFIG_MODULES)
+FEATURE_STRIDES = IMAGE_LEVEL_STRIDES[:3]  # --downsample_factor: the stride of a ResNet level the FPN resamples to
 # --precision values: the seed's spellings and Lightning 2's names -> Lightning 2's names.
 PRECISION_ALIASES = {
     '16': '16-mixed', '16-mixed': '16-mixed', '16-true': '16-true',
@@ -113,7 +116,7 @@ SETTINGS = (
     _S('img_base_channels', None, "width of the image ResNet's first stage (64 = standard); none = the base "
        "config's", 'model', optional(int), check=_at_least(1), structural=True),
     _S('downsample_factor', None, "image stride of the depth / context features (4, 8, 16); none = the base "
-       "config's", 'model', optional(int), choices=(None, 4, 8, 16), structural=True),
+       "config's", 'model', optional(int), choices=(None, *FEATURE_STRIDES), structural=True),
     _S('bev_cell', None, "BEV cell of the view transform in metres (1.6 or 0.8 with the tiny config); none = the "
        "base config's", 'model', optional(float), structural=True),
     _S('head_channels', None, "channels of the task-head convs (the reference's 64); none = the base config's",

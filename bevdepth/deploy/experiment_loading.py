@@ -5,8 +5,7 @@ import os
 import sys
 
 from bevdepth.deploy.errors import DeployError
-from bevdepth.models.checkpoints import (check_weights_fit, load_network_weights, network_weights, read_checkpoint,
-                                         saved_config)
+from bevdepth.models.checkpoints import load_network_weights, load_weights_of, read_checkpoint, saved_config
 
 __all__ = ['load_experiment_class', 'build_experiment', 'build_experiment_for_checkpoint', 'load_model_weights']
 
@@ -58,9 +57,7 @@ def build_experiment_for_checkpoint(exp_path, ckpt_path, data_root=None, version
     """The experiment of ``exp_path`` rebuilt from the configuration saved in ``ckpt_path``, weights loaded."""
     checkpoint = read_checkpoint(ckpt_path, flag='--ckpt')
     exp = build_experiment(exp_path, data_root, version, saved_config=saved_config(checkpoint))
-    weights = network_weights(checkpoint)
-    check_weights_fit(exp.model, weights, ckpt_path, type(exp).__name__)
-    exp.model.load_state_dict(weights)
+    load_weights_of(exp.model, checkpoint, ckpt_path, type(exp).__name__)
     return exp
 
 

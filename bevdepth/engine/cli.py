@@ -557,9 +557,7 @@ def _run(model_class, exp_name, use_ema, extra_trainer_config_args, cli_defaults
     _print_rank_zero('\n'.join(recipe_lines(args, mode, kind, devices, precision, model)))
 
     if args.evaluate or args.predict:
-        checkpoints.check_weights_fit(model.model, checkpoints.network_weights(checkpoint), loaded_path,
-                                      type(model).__name__)
-        model.model.load_state_dict(checkpoints.network_weights(checkpoint), strict=True)
+        checkpoints.load_weights_of(model.model, checkpoint, loaded_path, type(model).__name__)
         del checkpoint
         trainer = pl.Trainer(default_root_dir=default_root_dir, logger=False, enable_checkpointing=False,
                              **trainer_kwargs)

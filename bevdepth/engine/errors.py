@@ -23,4 +23,3 @@ class UsageError(ValueError):
 USAGE_ERRORS = (UsageError, SettingError)
 INPUT_ERRORS = (FileNotFoundError, DataError, CheckpointError, SubmissionMismatchError, EmptySubmissionError,
                 PretrainedWeightsError, OutputPathError)
-USER_ERRORS = USAGE_ERRORS + INPUT_ERRORS

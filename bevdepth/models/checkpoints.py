@@ -75,10 +75,15 @@ def check_weights_fit(network, weights, path, owner):
             f'mismatches (checkpoint vs model) {wrong_shape[:3]}; use the experiment file that trained it')
 
 
-def load_network_weights(network, path, owner=None, flag='--ckpt_path'):
-    """Load the weights of checkpoint ``path`` into ``network`` after checking they fit; returns the checkpoint."""
-    checkpoint = read_checkpoint(path, flag)
+def load_weights_of(network, checkpoint, path, owner=None):
+    """Load the weights of an already read ``checkpoint`` (from ``path``) into ``network`` after checking they fit."""
     weights = network_weights(checkpoint)
     check_weights_fit(network, weights, path, owner or type(network).__name__)
     network.load_state_dict(weights, strict=True)
+
+
+def load_network_weights(network, path, owner=None, flag='--ckpt_path'):
+    """Load the weights of checkpoint ``path`` into ``network`` after checking they fit; returns the checkpoint."""
+    checkpoint = read_checkpoint(path, flag)
+    load_weights_of(network, checkpoint, path, owner)
     return checkpoint

@@ -733,9 +733,8 @@ class _StepTimer:
         return StepTimer()
 
 
-def _experiment_train_batch(module, batch_size, seed=0):
-    """One batch in the layout of the experiment's training_step, at its input size."""
-    config = 'tiny' if module.config['base_config'] == 'tiny' else 'full'
+def _experiment_train_batch(config, batch_size, seed=0):
+    """One batch in the layout of the experiment's training_step (its input size is the configuration's)."""
     imgs, mats, gt_boxes, gt_labels, depth = _train_batch(config, batch_size, seed)
     return [imgs, mats, None, [{}] * batch_size, gt_boxes, gt_labels, depth]
 
@@ -797,11 +796,9 @@ def bench_train_step(config, batch_size=1, repeats=3, warmup=2, vt_time_s=None, 
     (measured here when None); ``vt_share`` = vt_time_s / the fp32 step, ``lss_share`` what LSS would take of it.
     """
     per_precision = {precision: dict(step_runs_s=[], losses=[]) for precision in precisions}
-    batch = None
+    batch = _experiment_train_batch(config, batch_size)
     for _ in range(repeats):
         for precision in precisions:
-            if batch is None:
-                batch = _experiment_train_batch(_experiment(config), batch_size)
             times, losses, module = _fit_steps(config, precision, batch, warmup + 3)
             per_precision[precision]['step_runs_s'].append(float(np.median(times[warmup:])))
             per_precision[precision]['losses'] += losses
